@@ -1,0 +1,1 @@
+"""Benchmarks: baselines (Hugging Face) and runners whose results land in data/bench/."""

@@ -1,0 +1,1 @@
+"""Widgets and figures used by the notebooks. They only call the layers below them."""
