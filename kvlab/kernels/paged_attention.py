@@ -32,24 +32,31 @@ import torch
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: torch.Tensor, seq_lens: torch.Tensor,
                               scale: float | None = None) -> torch.Tensor:
-    """Plain torch, obviously correct: gather each sequence's K/V through its block table,
-    then softmax(q K^T * scale) V in fp32. Slow (one Python iteration per sequence); it is
-    the yardstick for the kernel, and the default decode attention of kvlab.paged on CPU."""
+    """Plain torch, obviously correct: gather every sequence's K/V through its block table
+    into a contiguous (padded) tensor, then softmax(q K^T * scale) V in fp32, with the
+    positions past each sequence's length masked out. A sequence of length 0 gives zeros.
+
+    It reads the whole gathered copy (and writes it first): the "gather + attention" cost
+    that the Triton kernel avoids. Entries of block_tables past a sequence's last block
+    are never read, so they may hold anything (-1, stale ids).
+    """
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    block_size = k_cache.shape[1]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    max_blocks = block_tables.shape[1]
     group = num_heads // num_kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.empty_like(q)
-    for s in range(num_seqs):
-        n = int(seq_lens[s])
-        nb = (n + block_size - 1) // block_size
-        blocks = block_tables[s, :nb].long()
-        k = k_cache[blocks].reshape(nb * block_size, num_kv_heads, head_dim)[:n]  # (n, Hkv, D)
-        v = v_cache[blocks].reshape(nb * block_size, num_kv_heads, head_dim)[:n]  # (n, Hkv, D)
-        k = k.float().repeat_interleave(group, dim=1)                              # (n, Hq, D)
-        v = v.float().repeat_interleave(group, dim=1)                              # (n, Hq, D)
-        scores = torch.einsum("hd,nhd->hn", q[s].float(), k) * scale               # (Hq, n)
-        probs = scores.softmax(dim=-1)
-        out[s] = torch.einsum("hn,nhd->hd", probs, v).to(q.dtype)                  # (Hq, D)
-    return out
+    seq_lens = seq_lens.long().to(q.device)
+
+    used = torch.arange(max_blocks, device=q.device) < (seq_lens[:, None] + block_size - 1) // block_size
+    blocks = torch.where(used, block_tables.long().to(q.device), 0)          # (S, max_blocks)
+    k = k_cache[blocks].flatten(1, 2).float()            # (S, max_blocks * block_size, Hkv, D)
+    v = v_cache[blocks].flatten(1, 2).float()            # (S, N, Hkv, D)
+    k = k.repeat_interleave(group, dim=2)                # (S, N, Hq, D): query head h reads KV head h // group
+    v = v.repeat_interleave(group, dim=2)
+
+    scores = torch.einsum("shd,snhd->shn", q.float(), k) * scale               # (S, Hq, N)
+    valid = torch.arange(k.shape[1], device=q.device) < seq_lens[:, None]     # (S, N)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)      # a row with no valid key: all zeros
+    out = torch.einsum("shn,snhd->shd", probs, v)                             # (S, Hq, D)
+    return out.to(q.dtype)
