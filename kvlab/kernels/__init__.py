@@ -42,6 +42,9 @@ INTERPRET = _choose_triton_mode()
 
 # Imported eagerly (after the line above), so that `kvlab.kernels.paged_attention` is the
 # function, not the submodule of the same name.
-from kvlab.kernels.paged_attention import paged_attention_reference  # noqa: E402
+from kvlab.kernels.paged_attention import (  # noqa: E402
+    KernelConfig, choose_num_splits, paged_attention, paged_attention_reference,
+)
 
-__all__ = ["INTERPRET", "paged_attention_reference"]
+__all__ = ["INTERPRET", "KernelConfig", "choose_num_splits", "paged_attention",
+           "paged_attention_reference"]

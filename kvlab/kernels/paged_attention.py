@@ -23,8 +23,12 @@ two ends of it).
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -60,3 +64,296 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     probs = scores.softmax(dim=-1).nan_to_num(0.0)      # a row with no valid key: all zeros
     out = torch.einsum("shn,snhd->shd", probs, v)                             # (S, Hq, D)
     return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+#
+# One program instance = one (sequence, KV head, split). It loads the G = num_heads //
+# num_kv_heads query heads that share this KV head as one (G_PAD, D) tile, then walks the
+# sequence's keys and values BLOCK_N tokens at a time: the block table turns each token's
+# logical position into (physical block, slot), so every K/V byte is read exactly once
+# and shared by the whole query group (GQA). Softmax is computed online (running max m,
+# running sum l, rescaled accumulator), in fp32, with exp2 and log2(e) folded into the scale.
+#
+# Split-K ("flash-decoding", Dao et al. 2023): with few sequences there are too few
+# (sequence, KV head) programs to keep 132 SMs busy, so each sequence's tokens are cut into
+# NUM_SPLITS ranges handled by separate programs, each writing a partial (o, m, l); a
+# second small kernel merges them: out = sum_i l_i 2^(m_i - M) o_i / sum_i l_i 2^(m_i - M).
+
+import triton  # noqa: E402  (kvlab.kernels has set TRITON_INTERPRET=1 first where there is no GPU)
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,            # (num_seqs, num_heads, head_dim) queries
+    k_cache_ptr,      # (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim) keys, paged
+    v_cache_ptr,      # (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim) values, paged
+    block_tables_ptr, # int32 (num_seqs, max_blocks) physical block of each logical block
+    seq_lens_ptr,     # int32 (num_seqs) tokens cached per sequence
+    out_ptr,          # (num_seqs, num_heads, head_dim) output; written when NUM_SPLITS == 1
+    part_o_ptr,       # fp32 (num_seqs, num_heads, NUM_SPLITS, head_dim) normalized partial outputs
+    part_m_ptr,       # fp32 (num_seqs, num_heads, NUM_SPLITS) running max (log2 units) of each split
+    part_l_ptr,       # fp32 (num_seqs, num_heads, NUM_SPLITS) softmax denominator of each split
+    qk_scale,         # float: scale * log2(e), so that exp2 gives exp
+    tokens_per_split, # int: tokens each split covers (a multiple of BLOCK_N)
+    stride_qs, stride_qh,                 # q strides (head_dim stride is 1)
+    stride_kb, stride_ks, stride_kh,      # k_cache strides: block, slot, head
+    stride_vb, stride_vs, stride_vh,      # v_cache strides: block, slot, head
+    stride_bts,                           # block_tables row stride
+    stride_os, stride_oh,                 # out strides
+    GROUP: tl.constexpr,       # query heads per KV head
+    G_PAD: tl.constexpr,       # GROUP rounded up to a power of two >= 16 (tl.dot's minimum)
+    HEAD_DIM: tl.constexpr,    # head_dim
+    D_PAD: tl.constexpr,       # head_dim rounded up to a power of two >= 16
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_N: tl.constexpr,     # tokens per loop iteration
+    NUM_SPLITS: tl.constexpr,  # 1: write out directly; > 1: write partials for the reduce kernel
+    UPCAST: tl.constexpr,      # cast K/V/q to fp32 before tl.dot (the CPU interpreter needs it for bf16)
+    IEEE: tl.constexpr,        # fp32 caches: exact fp32 dot instead of tf32
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    offs_g = tl.arange(0, G_PAD)                   # query head within the group
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK_N)                 # token within the tile
+    heads = kv_head * GROUP + offs_g               # (G_PAD,) query heads that read this KV head
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)            # (G_PAD, D_PAD)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)    # running max of the scores (log2 units)
+    l_i = tl.zeros([G_PAD], tl.float32)                  # running sum of 2^(score - m_i)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)           # running sum of 2^(score - m_i) * v
+
+    bt_row = block_tables_ptr + seq * stride_bts
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + offs_n                                  # (BLOCK_N,) logical token positions
+        mask_n = tok < end
+        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        slot = tok % BLOCK_SIZE
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
+                    + kv_head * stride_kh + offs_d[None, :], mask=mask_kv, other=0.0)  # (BLOCK_N, D_PAD)
+        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
+                    + kv_head * stride_vh + offs_d[None, :], mask=mask_kv, other=0.0)  # (BLOCK_N, D_PAD)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale                                                       # (G_PAD, BLOCK_N)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))       # finite: every tile has a valid token
+        alpha = tl.exp2(m_i - m_new)                     # rescales what was summed so far
+        p = tl.exp2(s - m_new[:, None])                  # (G_PAD, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv                  # (G_PAD, D_PAD)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]     # an empty range gives zeros
+    mask_out = mask_g[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_out)
+    else:
+        row = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split   # (G_PAD,)
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_out)
+        tl.store(part_m_ptr + row, m_i, mask=mask_g)
+        tl.store(part_l_ptr + row, l_i, mask=mask_g)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_o_ptr,   # fp32 (num_seqs, num_heads, NUM_SPLITS, head_dim) normalized partial outputs
+    part_m_ptr,   # fp32 (num_seqs, num_heads, NUM_SPLITS) max score of each split (-inf: empty)
+    part_l_ptr,   # fp32 (num_seqs, num_heads, NUM_SPLITS) softmax denominator of each split (0: empty)
+    out_ptr,      # (num_seqs, num_heads, head_dim) output
+    stride_os, stride_oh,      # out strides
+    NUM_HEADS: tl.constexpr,   # num_heads
+    NUM_SPLITS: tl.constexpr,  # splits per sequence
+    S_PAD: tl.constexpr,       # NUM_SPLITS rounded up to a power of two
+    HEAD_DIM: tl.constexpr,    # head_dim
+    D_PAD: tl.constexpr,       # head_dim rounded up to a power of two
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    mask_s = offs_s < NUM_SPLITS
+    row = (seq * NUM_HEADS + head) * NUM_SPLITS + offs_s                     # (S_PAD,)
+    m = tl.load(part_m_ptr + row, mask=mask_s, other=float("-inf"))
+    l = tl.load(part_l_ptr + row, mask=mask_s, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)   # all splits empty: avoid -inf - -inf
+    w = tl.where(l > 0, l * tl.exp2(m - m_max), 0.0)      # weight of each split's softmax mass
+    o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=mask_s[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)   # (S_PAD, D_PAD)
+    w_sum = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)     # (D_PAD,)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of the decode kernel (defaults measured on an H100: KERNEL_NOTES.md)."""
+
+    block_n: int = 64          # tokens per loop iteration: a (64, 128) fp16 K tile is 16 KiB
+    num_warps: int = 4         # 4 warps per program
+    num_stages: int = 3        # loads kept in flight by Triton's software pipeline
+    target_programs: int = 528 # split-K until (seq, KV head, split) programs >= this (4 x 132 SMs)
+    min_split_tokens: int = 256  # never split a sequence into ranges shorter than this
+
+    def __post_init__(self):
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16 (tl.dot's minimum), got {self.block_n}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1 or self.target_programs < 1 or self.min_split_tokens < 1:
+            raise ValueError("num_stages, target_programs and min_split_tokens must be >= 1")
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int,
+                      config: KernelConfig = DEFAULT_CONFIG) -> int:
+    """Split-K heuristic: split only when (sequence, KV head) programs are too few to fill
+    the GPU, into as many ranges as bring the program count to `target_programs`, but no
+    range shorter than `min_split_tokens` (each split costs a partial write and a merge)."""
+    programs = num_seqs * num_kv_heads
+    if programs >= config.target_programs:
+        return 1
+    wanted = triton.cdiv(config.target_programs, max(programs, 1))
+    return max(1, min(wanted, max_tokens // config.min_split_tokens))
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """Raise ValueError, saying what is wrong and what is allowed, before anything is launched."""
+    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, ndim in dict(q=3, k_cache=4, v_cache=4, block_tables=2, seq_lens=1).items():
+        if tensors[name].dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensors[name].shape)}")
+    num_seqs, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, kv_head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    if kv_head_dim != head_dim:
+        raise ValueError(f"q head_dim {head_dim} != cache head_dim {kv_head_dim}")
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in 1..256, got {head_dim}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if block_size < 1:
+        raise ValueError("block_size (k_cache.shape[1]) must be >= 1")
+    if block_tables.shape[0] != num_seqs or seq_lens.shape[0] != num_seqs:
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} "
+                         f"must have num_seqs = {num_seqs} rows")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q dtype must be one of float16, bfloat16, float32, got {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError(f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}")
+    for name in ("q", "k_cache", "v_cache", "block_tables", "seq_lens"):
+        t = tensors[name]
+        if t.numel() > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = q.device
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensors must be on a CUDA GPU (or the CPU through the interpreter), got {device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def _next_pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
+                    *, num_splits: int | None = None, config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """Decode attention on a paged KV cache with the Triton kernel (same contract as
+    `paged_attention_reference`). Entries of seq_lens must lie in 0..max_blocks * block_size
+    (not checked: that would need a device-to-host copy on every call).
+
+    num_splits: split-K ranges per sequence; None chooses by `choose_num_splits`.
+    """
+    _check(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = torch.empty_like(q)                            # (S, Hq, D)
+    if num_seqs == 0:
+        return out
+
+    max_tokens = block_tables.shape[1] * block_size      # an upper bound on every seq_len
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, config)
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    block_n = config.block_n
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_tokens, 1), num_splits), block_n) * block_n
+    num_splits = max(1, triton.cdiv(max_tokens, tokens_per_split))    # drop ranges that cover nothing
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    d_pad = _next_pow2(head_dim, 16)
+    if num_splits > 1:
+        part_o = torch.empty(num_seqs, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        part_m = torch.empty(num_seqs, num_heads, num_splits, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_o = part_m = part_l = out                   # unused
+    _paged_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_m, part_l,
+        scale * LOG2E, tokens_per_split,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, G_PAD=_next_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        UPCAST=interpret, IEEE=q.dtype == torch.float32 and not interpret,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        _split_k_reduce_kernel[(num_seqs, num_heads)](
+            part_o, part_m, part_l, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, S_PAD=_next_pow2(num_splits),
+            HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
+        )
+    return out
