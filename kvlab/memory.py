@@ -268,3 +268,17 @@ def memory_plan(spec: ModelSpec, gpu="H100-80GB", weight_dtype="bfloat16", kv_dt
         weight_dtype=str(weight_dtype), kv_dtype=str(kv_dtype), kv_heads_per_gpu=heads,
         kv_heads_replicated=replicated, notes=tuple(notes),
     )
+
+
+def measured_cache_bytes(past_key_values) -> int:
+    """Bytes actually held by a Hugging Face cache: the sum of its key and value tensors.
+
+    Works on transformers' DynamicCache (per-layer tensors under `.layers[i].keys` and
+    `.values`) and on the legacy tuple-of-(key, value) format. This is the measurement the
+    formula above is checked against.
+    """
+    if hasattr(past_key_values, "layers"):
+        pairs = [(layer.keys, layer.values) for layer in past_key_values.layers]
+    else:
+        pairs = [tuple(layer) for layer in past_key_values]
+    return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)

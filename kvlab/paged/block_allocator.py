@@ -1,0 +1,373 @@
+"""The block allocator: a fixed pool of KV blocks, per-sequence block tables,
+reference counts, copy-on-write and prefix caching.
+
+This is the bookkeeping half of vLLM's PagedAttention (Kwon et al., SOSP 2023):
+the KV cache is cut into blocks of `block_size` token slots, like pages of
+virtual memory. A sequence owns a *block table* (logical block i -> physical
+block id), so its keys and values are logically contiguous but physically
+scattered. A block is taken only when the sequence's last block is full, so at
+most `block_size - 1` slots per sequence are ever wasted. nano-vllm's
+`BlockManager` is the same idea in ~100 lines; vLLM v1's `KVCacheManager` /
+`BlockPool` is the industrial version.
+
+Three ideas on top of plain paging:
+
+* Reference counts. `fork(parent, child)` shares every block of the parent
+  (parallel sampling, beam search): nothing is copied, counts go up by one.
+* Copy-on-write. The first append into a shared, partly filled last block moves
+  the writer to a fresh block; the allocator *reports* the copy
+  (source, destination) through `pop_copies()`, and `PagedKVCache.copy_blocks`
+  performs it on the tensors. Full shared blocks are never written again, so they
+  stay shared for good.
+* Prefix caching (`enable_prefix_caching=True`). A full block is named by a hash
+  chained over (previous block's hash, this block's token ids), so equal hashes
+  mean equal prefixes. A new prompt that starts with cached full blocks reuses
+  them; `num_cached_tokens(seq_id)` says how many prompt tokens need no prefill.
+  Freed cached blocks keep their hash and contents: they count as free, and are
+  evicted least recently used first, only when a block is needed and no uncached
+  free block is left.
+
+The allocator knows nothing of tensors or models: it hands out block ids and
+slots (slot = block_id * block_size + offset), and `kvlab.paged.PagedKVCache`
+holds the tensors those numbers index.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+SeqId = Hashable
+_NO_PARENT = -1          # the "previous hash" of a sequence's first block
+
+
+class OutOfBlocksError(RuntimeError):
+    """More blocks were needed than are free. Nothing was changed."""
+
+
+@dataclass
+class _Block:
+    """One physical block's bookkeeping (its K/V live in PagedKVCache)."""
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None                  # set while the block is registered in the prefix cache
+    token_ids: tuple[int, ...] = ()          # contents of a hashed block, checked on every hit
+
+
+@dataclass
+class _Sequence:
+    """What the allocator remembers about one live sequence."""
+    block_table: list[int]
+    token_ids: list[int]
+    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block
+    num_cached_tokens: int = 0
+
+
+def block_hash(prev_hash: int, token_ids: Sequence[int]) -> int:
+    """The prefix-cache name of a full block: a hash chained over the previous block's hash
+    and this block's tokens, so two blocks share a name only if their whole prefixes match.
+    Python's hash of a tuple of ints is deterministic (PYTHONHASHSEED only salts str/bytes);
+    a 64-bit collision is guarded against by comparing token ids on every hit."""
+    return hash((prev_hash, tuple(token_ids)))
+
+
+class BlockAllocator:
+    """A pool of `num_blocks` blocks of `block_size` token slots each.
+
+    Verbs, in the order a scheduler uses them (nano-vllm's can_allocate / allocate /
+    can_append / append / deallocate):
+
+        can_allocate(token_ids) -> bool      allocate_sequence(seq_id, token_ids) -> block table
+        can_append(seq_id) -> bool           append_token(seq_id, token_id) -> slot
+        fork(parent_id, child_id)            free_sequence(seq_id)
+        pop_copies() -> [(src, dst), ...]    copy-on-write copies the cache must perform
+
+    Every method checks its arguments first and raises before changing anything.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 free_order: Iterable[int] | None = None):
+        """free_order: the initial order of the free queue (default 0, 1, ..., num_blocks - 1).
+        Tests and notebooks pass a permutation to scatter sequences over the pool on purpose."""
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        order = list(range(num_blocks)) if free_order is None else [int(b) for b in free_order]
+        if sorted(order) != list(range(num_blocks)):
+            raise ValueError(f"free_order must be a permutation of range({num_blocks}), "
+                             f"got {len(order)} ids")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self._blocks = [_Block(i) for i in range(num_blocks)]
+        self._free: deque[int] = deque(order)                 # free, no cached contents: FIFO
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # free but hashed: LRU first
+        self._hash_to_block: dict[int, int] = {}
+        self._seqs: dict[SeqId, _Sequence] = {}
+        self._copies: list[tuple[int, int]] = []
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not referenced by any live sequence (cached free blocks included)."""
+        return len(self._free) + len(self._cached_free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def __contains__(self, seq_id: SeqId) -> bool:
+        return seq_id in self._seqs
+
+    def seq_ids(self) -> list[SeqId]:
+        """Live sequences, in allocation order."""
+        return list(self._seqs)
+
+    def block_table(self, seq_id: SeqId) -> list[int]:
+        """Physical block id of each logical block of the sequence (a copy)."""
+        return list(self._seq(seq_id).block_table)
+
+    def num_tokens(self, seq_id: SeqId) -> int:
+        return len(self._seq(seq_id).token_ids)
+
+    def token_ids(self, seq_id: SeqId) -> list[int]:
+        return list(self._seq(seq_id).token_ids)
+
+    def num_cached_tokens(self, seq_id: SeqId) -> int:
+        """Prompt tokens whose K/V were found in the prefix cache: prefill starts after them."""
+        return self._seq(seq_id).num_cached_tokens
+
+    def ref_count(self, block_id: int) -> int:
+        """How many live block tables hold this block (0: free)."""
+        return self._blocks[self._check_block_id(block_id)].ref_count
+
+    def block_hash(self, block_id: int) -> int | None:
+        """The block's prefix-cache hash if it is registered (its contents reusable), else None."""
+        return self._blocks[self._check_block_id(block_id)].hash
+
+    def slot(self, seq_id: SeqId, position: int) -> int:
+        """Where token `position` of the sequence lives: block_id * block_size + offset."""
+        seq = self._seq(seq_id)
+        if not 0 <= position < len(seq.token_ids):
+            raise ValueError(f"position {position} out of range for sequence {seq_id!r} "
+                             f"with {len(seq.token_ids)} tokens")
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------ allocate
+
+    def can_allocate(self, token_ids: Sequence[int]) -> bool:
+        """Would allocate_sequence(…, token_ids) succeed now? (Counts prefix-cache hits.)"""
+        token_ids = self._check_tokens(token_ids)
+        return self._free_blocks_needed(token_ids) <= self.num_free_blocks
+
+    def allocate_sequence(self, seq_id: SeqId, token_ids: Sequence[int]) -> list[int]:
+        """Give a new sequence the blocks for its prompt; return its block table.
+
+        With prefix caching, leading full blocks already in the cache are reused (their
+        count goes up) instead of taken; the block holding the last prompt token is never a
+        hit, so prefill always computes at least one token (the one whose logits sample the
+        next token). Hashes of the new full blocks are registered now: their K/V are written
+        by the prefill that follows, before any later forward pass can read them."""
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} is already allocated")
+        token_ids = self._check_tokens(token_ids)
+        needed = self._free_blocks_needed(token_ids)
+        if needed > self.num_free_blocks:
+            raise OutOfBlocksError(f"sequence {seq_id!r} with {len(token_ids)} tokens needs "
+                                   f"{needed} free blocks, only {self.num_free_blocks} are free")
+        hits, hashes = self._match_prefix(token_ids)
+        table = []
+        for block_id in hits:                       # reuse cached blocks (count + 1)
+            self._ref_cached(block_id)
+            table.append(block_id)
+        for _ in range(self.blocks_needed(len(token_ids)) - len(hits)):
+            table.append(self._take_free_block())
+        seq = _Sequence(table, token_ids, num_cached_tokens=len(hits) * self.block_size)
+        self._seqs[seq_id] = seq
+        if self.enable_prefix_caching:
+            for i in range(len(token_ids) // self.block_size):
+                self._register_full_block(seq, i, hashes[i] if i < len(hashes) else None)
+        return list(table)
+
+    # ------------------------------------------------------------------ append
+
+    def can_append(self, seq_id: SeqId) -> bool:
+        """Would append_token(seq_id, …) succeed now?"""
+        return self._blocks_needed_to_append(self._seq(seq_id)) <= self.num_free_blocks
+
+    def append_token(self, seq_id: SeqId, token_id: int) -> int:
+        """Add one token to the sequence; return the slot its K/V must be written to.
+
+        A new block is taken only when the last block is full. If the last block is
+        partly filled and shared (after a fork), the writer is moved to a fresh block and
+        the copy (source, destination) is queued for `pop_copies()`: perform it before
+        writing this token's K/V."""
+        seq = self._seq(seq_id)
+        token_id = self._check_token(token_id)
+        needed = self._blocks_needed_to_append(seq)
+        if needed > self.num_free_blocks:
+            raise OutOfBlocksError(f"appending to sequence {seq_id!r} needs {needed} free block, "
+                                   f"only {self.num_free_blocks} are free")
+        pos = len(seq.token_ids)
+        offset = pos % self.block_size
+        if offset == 0:                             # last block full (or none yet): a new one
+            seq.block_table.append(self._take_free_block())
+        else:
+            last = self._blocks[seq.block_table[-1]]
+            if last.ref_count > 1:                  # shared and partly filled: copy-on-write
+                new_id = self._take_free_block()
+                last.ref_count -= 1
+                seq.block_table[-1] = new_id
+                self._copies.append((last.block_id, new_id))
+        seq.token_ids.append(token_id)
+        if self.enable_prefix_caching and offset == self.block_size - 1:
+            self._register_full_block(seq, pos // self.block_size, None)
+        return seq.block_table[-1] * self.block_size + offset
+
+    def pop_copies(self) -> list[tuple[int, int]]:
+        """Copy-on-write copies (source block, destination block) queued since the last call."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    # ------------------------------------------------------------------ fork / free
+
+    def fork(self, parent_id: SeqId, child_id: SeqId) -> list[int]:
+        """The child shares every block of the parent (each count + 1); nothing is copied
+        until one of them appends into a shared, partly filled block. Returns the child's table."""
+        parent = self._seq(parent_id)
+        if child_id in self._seqs:
+            raise ValueError(f"cannot fork into {child_id!r}: that sequence is already allocated")
+        for block_id in parent.block_table:
+            self._blocks[block_id].ref_count += 1
+        self._seqs[child_id] = _Sequence(list(parent.block_table), list(parent.token_ids),
+                                         list(parent.block_hashes), parent.num_cached_tokens)
+        return list(parent.block_table)
+
+    def free_sequence(self, seq_id: SeqId) -> None:
+        """Drop the sequence; blocks whose count reaches 0 become free at once. Blocks go to
+        the free queues last block first, so a sequence's tail (least likely to be shared by
+        a later prompt) is evicted from the prefix cache before its head."""
+        seq = self._seq(seq_id)
+        del self._seqs[seq_id]
+        for block_id in reversed(seq.block_table):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self._cached_free[block_id] = None      # most recently used end
+                else:
+                    self._free.append(block_id)
+
+    # ------------------------------------------------------------------ internals
+
+    def _seq(self, seq_id: SeqId) -> _Sequence:
+        try:
+            return self._seqs[seq_id]
+        except (KeyError, TypeError):
+            raise ValueError(f"sequence {seq_id!r} is not allocated (never allocated, or already "
+                             f"freed); live sequences: {len(self._seqs)}") from None
+
+    def _check_block_id(self, block_id: int) -> int:
+        if not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block id must be an int in [0, {self.num_blocks}), got {block_id!r}")
+        return block_id
+
+    @staticmethod
+    def _check_tokens(token_ids: Sequence[int]) -> list[int]:
+        if isinstance(token_ids, (str, bytes)):
+            raise ValueError("token_ids must be a sequence of ints, not a string")
+        try:
+            ids = [operator.index(t) for t in token_ids]
+        except TypeError:
+            raise ValueError(f"token_ids must be a sequence of ints, got {token_ids!r:.80}") from None
+        if not ids:
+            raise ValueError("a sequence needs at least one token")
+        if min(ids) < 0:
+            raise ValueError(f"token ids must be >= 0, got {min(ids)}")
+        return ids
+
+    @staticmethod
+    def _check_token(token_id: int) -> int:
+        try:
+            t = operator.index(token_id)
+        except TypeError:
+            raise ValueError(f"a token id must be an int, got {token_id!r}") from None
+        if t < 0:
+            raise ValueError(f"token ids must be >= 0, got {t}")
+        return t
+
+    def _match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Cached blocks that hold the leading full blocks of token_ids (at most
+        (len - 1) // block_size of them), and the chained hashes of every full block
+        that was examined."""
+        hits: list[int] = []
+        hashes: list[int] = []
+        if not self.enable_prefix_caching:
+            return hits, hashes
+        prev = _NO_PARENT
+        bs = self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            chunk = tuple(token_ids[i * bs:(i + 1) * bs])
+            h = block_hash(prev, chunk)
+            block_id = self._hash_to_block.get(h)
+            if block_id is None or self._blocks[block_id].token_ids != chunk:
+                break
+            hits.append(block_id)
+            hashes.append(h)
+            prev = h
+        return hits, hashes
+
+    def _free_blocks_needed(self, token_ids: list[int]) -> int:
+        """Free blocks an allocation would consume: new blocks, plus hits that sit free in
+        the cache (reusing them takes them out of the free pool)."""
+        hits, _ = self._match_prefix(token_ids)
+        hits_in_use = sum(1 for b in hits if self._blocks[b].ref_count > 0)
+        return self.blocks_needed(len(token_ids)) - hits_in_use
+
+    def _blocks_needed_to_append(self, seq: _Sequence) -> int:
+        if len(seq.token_ids) % self.block_size == 0:
+            return 1
+        return 1 if self._blocks[seq.block_table[-1]].ref_count > 1 else 0
+
+    def _take_free_block(self) -> int:
+        """Pop a free block: an uncached one if any, else evict the least recently used
+        cached one (forgetting its hash). Callers have checked that one is free."""
+        if self._free:
+            block_id = self._free.popleft()
+        else:
+            block_id, _ = self._cached_free.popitem(last=False)
+            block = self._blocks[block_id]
+            if self._hash_to_block.get(block.hash) == block_id:
+                del self._hash_to_block[block.hash]
+            block.hash, block.token_ids = None, ()
+        self._blocks[block_id].ref_count = 1
+        return block_id
+
+    def _ref_cached(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref_count == 0:
+            del self._cached_free[block_id]
+        block.ref_count += 1
+
+    def _register_full_block(self, seq: _Sequence, index: int, h: int | None) -> None:
+        """Block `index` of the sequence just became full: record its chained hash and, if no
+        other block holds the same prefix, make it findable by later prompts."""
+        bs = self.block_size
+        chunk = tuple(seq.token_ids[index * bs:(index + 1) * bs])
+        if h is None:
+            prev = seq.block_hashes[index - 1] if index > 0 else _NO_PARENT
+            h = block_hash(prev, chunk)
+        if index == len(seq.block_hashes):
+            seq.block_hashes.append(h)
+        block = self._blocks[seq.block_table[index]]
+        if block.hash is None and h not in self._hash_to_block:
+            block.hash, block.token_ids = h, chunk
+            self._hash_to_block[h] = block.block_id
