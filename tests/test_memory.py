@@ -1,0 +1,264 @@
+"""KV-cache memory math, checked against hand derivations and against real cache tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvlab
+from kvlab.memory import (GiB, MiB, DEFAULT_RESERVE_BYTES, kv_heads_per_gpu, measured_cache_bytes,
+                          seed_formula_bytes_per_token, weight_bytes)
+
+# Bytes per token at fp16 (2 bytes an element), derived by hand from each published config:
+#   MHA/GQA/MQA: num_hidden_layers * 2 (K and V) * num_key_value_heads * head_dim * 2
+#   MLA:         num_hidden_layers * (kv_lora_rank + qk_rope_head_dim) * 2
+# head_dim = hidden_size / num_attention_heads unless the config names it.
+HAND_DERIVED_FP16 = {
+    "gpt2":             12 * 2 * 12 * (768 // 12) * 2,      # n_layer 12, n_head 12, n_embd 768      = 36,864
+    "opt-13b":          40 * 2 * 40 * (5120 // 40) * 2,     # 40 layers, 40 heads, hidden 5120       = 819,200
+    "llama-2-7b":       32 * 2 * 32 * (4096 // 32) * 2,     # 32 layers, 32 KV heads, hidden 4096    = 524,288
+    "llama-2-13b":      40 * 2 * 40 * (5120 // 40) * 2,     # 40 layers, 40 KV heads, hidden 5120    = 819,200
+    "smollm2-135m":     30 * 2 * 3 * 64 * 2,                # 30 layers, 3 KV heads, head_dim 64     = 23,040
+    "llama-2-70b":      80 * 2 * 8 * (8192 // 64) * 2,      # 80 layers, 8 KV heads of 64, hid 8192  = 327,680
+    "llama-3-8b":       32 * 2 * 8 * (4096 // 32) * 2,      # 32 layers, 8 KV heads, hidden 4096     = 131,072
+    "llama-3-70b":      80 * 2 * 8 * (8192 // 64) * 2,      # 80 layers, 8 KV heads, hidden 8192     = 327,680
+    "mistral-7b":       32 * 2 * 8 * (4096 // 32) * 2,      # 32 layers, 8 KV heads, hidden 4096     = 131,072
+    "qwen2.5-7b":       28 * 2 * 4 * (3584 // 28) * 2,      # 28 layers, 4 KV heads, hidden 3584     = 57,344
+    "falcon-7b":        32 * 2 * 1 * (4544 // 71) * 2,      # 32 layers, multi_query: 1 KV head, 64  = 8,192
+    "deepseek-v2-lite": 27 * (512 + 64) * 2,                # 27 layers, kv_lora_rank 512, rope 64   = 31,104
+    "deepseek-v3":      61 * (512 + 64) * 2,                # 61 layers, kv_lora_rank 512, rope 64   = 70,272
+}
+
+
+def test_every_preset_is_derived_by_hand():
+    assert set(kvlab.list_presets()) == set(HAND_DERIVED_FP16)
+
+
+@pytest.mark.parametrize("name", sorted(HAND_DERIVED_FP16))
+def test_bytes_per_token_matches_hand_derivation(name):
+    spec = kvlab.ModelSpec.preset(name)
+    assert kvlab.kv_bytes_per_token(spec, "float16") == HAND_DERIVED_FP16[name]
+    assert spec.source.startswith("https://huggingface.co/") and spec.source.endswith("config.json")
+    assert spec.num_params and spec.num_params > 0
+
+
+def test_presets_agree_with_from_hf_config():
+    """A preset equals what ModelSpec.from_hf_config reads from the same published numbers."""
+    config = dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                  num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                  max_position_embeddings=8192, tie_word_embeddings=False)
+    read = kvlab.ModelSpec.from_hf_config(config, name="llama-3-8b")
+    preset = kvlab.ModelSpec.preset("llama-3-8b")
+    assert read.replace(source=preset.source) == preset
+
+
+def test_seed_numbers_for_llama_7b():
+    spec = kvlab.ModelSpec.preset("llama-2-7b")
+    assert kvlab.kv_bytes_per_token(spec, "float16") == 524_288 == 512 * 1024
+    assert kvlab.kv_cache_bytes(spec, 1024, kv_dtype="float16") == 512 * MiB
+    assert kvlab.kv_cache_bytes(spec, 1024, batch_size=10, kv_dtype="float16") == 5 * GiB
+
+
+def test_seed_formula_overstates_gqa_by_head_ratio():
+    for name in kvlab.list_presets():
+        spec = kvlab.ModelSpec.preset(name)
+        if spec.attention == "mla":
+            continue
+        seed, real = seed_formula_bytes_per_token(spec), kvlab.kv_bytes_per_token(spec)
+        # seed / real == num_heads / num_kv_heads (exactly, since hidden = num_heads * head_dim here)
+        assert seed * spec.num_kv_heads == real * spec.num_heads, name
+    llama3 = kvlab.ModelSpec.preset("llama-3-8b")
+    assert seed_formula_bytes_per_token(llama3) == 4 * kvlab.kv_bytes_per_token(llama3)
+
+
+@pytest.mark.parametrize("dtype, bits", [("float32", 32), ("fp32", 32), ("float16", 16), ("bfloat16", 16),
+                                         ("bf16", 16), ("fp8", 8), ("int8", 8), ("int4", 4),
+                                         (torch.float16, 16), (torch.bfloat16, 16), (torch.float32, 32)])
+def test_kv_dtypes(dtype, bits):
+    spec = kvlab.ModelSpec.preset("llama-3-8b")
+    assert kvlab.kv_bytes_per_token(spec, dtype) == 32 * 2 * 8 * 128 * bits // 8
+
+
+def test_int4_rounds_up_to_whole_bytes():
+    odd = kvlab.ModelSpec("odd", num_layers=1, hidden_size=8, num_heads=1, num_kv_heads=1, head_dim=8,
+                          intermediate_size=8, vocab_size=8, attention="mla", kv_lora_rank=3, qk_rope_head_dim=2)
+    assert kvlab.kv_bytes_per_token(odd, "int4") == 3  # 5 elements * 4 bits = 20 bits -> 3 bytes
+
+
+def test_mla_caches_latent_and_rope_key_only():
+    v3 = kvlab.ModelSpec.preset("deepseek-v3")
+    assert kvlab.kv_bytes_per_token(v3, "bfloat16") == 61 * 576 * 2
+    # MHA with the same 128 heads of (128 nope + 64 rope) keys and 128-wide values would need
+    # 61 * 128 * (192 + 128) * 2 bytes: MLA is 71x smaller.
+    mha_equivalent = 61 * 128 * (192 + 128) * 2
+    assert mha_equivalent // kvlab.kv_bytes_per_token(v3, "bfloat16") == 71
+    # the latent is shared by all heads: tensor parallelism does not split it
+    assert kvlab.kv_bytes_per_token(v3, "bfloat16", tensor_parallel=8) == 61 * 576 * 2
+    plan = kvlab.memory_plan(v3, "H200-141GB", weight_dtype="fp8", tensor_parallel=8)
+    assert plan.kv_bytes_per_token == 61 * 576 * 2 and any("latent" in n for n in plan.notes)
+
+
+def test_sliding_window_stops_growing():
+    mistral = kvlab.ModelSpec.preset("mistral-7b")
+    per_token = kvlab.kv_bytes_per_token(mistral)
+    assert kvlab.kv_cache_bytes(mistral, 1000) == 1000 * per_token
+    assert kvlab.kv_cache_bytes(mistral, 4096) == 4096 * per_token
+    assert kvlab.kv_cache_bytes(mistral, 32768) == 4096 * per_token
+    llama3 = kvlab.ModelSpec.preset("llama-3-8b")
+    assert kvlab.kv_cache_bytes(llama3, 8192) == 8192 * per_token  # same per-token size, no window
+    plan = kvlab.memory_plan(mistral, "A100-80GB", context_len=32768)
+    assert plan.kv_bytes_per_request == 4096 * plan.kv_bytes_per_token
+
+
+def test_tensor_parallel_splits_kv_heads_then_replicates():
+    spec = kvlab.ModelSpec.preset("llama-3-8b")   # 32 query heads, 8 KV heads
+    full = kvlab.kv_bytes_per_token(spec)
+    assert [kv_heads_per_gpu(spec, tp) for tp in (1, 2, 4, 8, 16, 32)] == [8, 4, 2, 1, 1, 1]
+    assert kvlab.kv_bytes_per_token(spec, tensor_parallel=2) == full // 2
+    assert kvlab.kv_bytes_per_token(spec, tensor_parallel=8) == full // 8
+    assert kvlab.kv_bytes_per_token(spec, tensor_parallel=16) == full // 8   # replicated, stops shrinking
+    plan = kvlab.memory_plan(spec, "H100-80GB", tensor_parallel=16)
+    assert plan.kv_heads_replicated and any("replicated" in n for n in plan.notes)
+    assert not kvlab.memory_plan(spec, "H100-80GB", tensor_parallel=8).kv_heads_replicated
+    assert weight_bytes(spec, "bfloat16", tensor_parallel=2) == spec.num_params * 2 // 2
+
+
+def test_memory_plan_by_hand():
+    """Llama-3-8B, bf16 weights, fp8 KV, TP 2 on H100s, 8k context: every number derived by hand."""
+    spec = kvlab.ModelSpec.preset("llama-3-8b")
+    plan = kvlab.memory_plan(spec, gpu="H100-80GB", weight_dtype="bfloat16", kv_dtype="fp8",
+                             context_len=8192, gpu_memory_utilization=0.9, tensor_parallel=2)
+    usable = int(80 * GiB * 0.9)                        # 77,309,411,328
+    weights = 8_030_261_248 * 2 // 2                    # bf16, half on each GPU
+    per_token = 32 * 2 * (8 // 2) * 128 * 1             # 4 KV heads per GPU, 1 byte each
+    budget = usable - weights - DEFAULT_RESERVE_BYTES
+    assert (plan.usable_bytes, plan.weight_bytes, plan.kv_bytes_per_token) == (usable, weights, per_token)
+    assert plan.kv_budget_bytes == budget
+    assert plan.max_cached_tokens == budget // per_token == 2_081_463
+    assert plan.max_concurrent_requests == budget // per_token // 8192 == 254
+    assert plan.fits and plan.kv_bytes_per_request == 8192 * per_token
+
+
+def test_weights_that_do_not_fit():
+    plan = kvlab.memory_plan(kvlab.ModelSpec.preset("llama-3-70b"), "H100-80GB")   # 141 GB of bf16 weights
+    assert not plan.fits
+    assert plan.max_concurrent_requests == 0 and plan.max_cached_tokens == 0 and plan.kv_budget_bytes == 0
+    assert "does not fit" in plan.notes[0]
+    # ... but on 2 GPUs it does
+    assert kvlab.memory_plan(kvlab.ModelSpec.preset("llama-3-70b"), "H100-80GB", tensor_parallel=2).fits
+
+
+def test_custom_gpu_bytes_and_list_gpus():
+    gpus = kvlab.list_gpus()
+    for name in ("T4-16GB", "A10G-24GB", "L4-24GB", "RTX-4090-24GB", "A100-40GB", "A100-80GB",
+                 "H100-80GB", "H200-141GB"):
+        assert name in gpus
+    spec = kvlab.ModelSpec.preset("smollm2-135m")
+    assert kvlab.memory_plan(spec, gpus["A100-40GB"]) .max_concurrent_requests == \
+        kvlab.memory_plan(spec, "A100-40GB").max_concurrent_requests
+
+
+def test_concurrency_is_limited_by_kv_not_weights():
+    """Llama-3-8B on one H100 at 4k: weights take 15 GiB, yet KV for 112 requests of 4k fills the rest."""
+    plan = kvlab.memory_plan(kvlab.ModelSpec.preset("llama-3-8b"), "H100-80GB", context_len=4096)
+    assert plan.kv_bytes_per_request == 4096 * 131_072 == 512 * MiB
+    assert plan.max_concurrent_requests == (int(80 * GiB * 0.9) - 8_030_261_248 * 2 - GiB) // (512 * MiB) == 112
+    assert plan.kv_budget_bytes > 3 * plan.weight_bytes
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: kvlab.kv_cache_bytes(s, 0), "seq_len"),
+    (lambda s: kvlab.kv_cache_bytes(s, -5), "seq_len"),
+    (lambda s: kvlab.kv_cache_bytes(s, 10, batch_size=0), "batch_size"),
+    (lambda s: kvlab.kv_cache_bytes(s, 8193), "maximum context"),
+    (lambda s: kvlab.kv_bytes_per_token(s, "float12"), "unknown dtype"),
+    (lambda s: kvlab.memory_plan(s, gpu="B200"), "unknown GPU"),
+    (lambda s: kvlab.memory_plan(s, gpu=-1), "positive number of bytes"),
+    (lambda s: kvlab.memory_plan(s, tensor_parallel=3), "must divide"),
+    (lambda s: kvlab.memory_plan(s, tensor_parallel=0), "tensor_parallel"),
+    (lambda s: kvlab.memory_plan(s, context_len=100_000), "maximum context"),
+    (lambda s: kvlab.memory_plan(s, gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (lambda s: kvlab.memory_plan(s, weight_dtype="int3"), "unknown dtype"),
+])
+def test_bad_input_raises_clear_value_error(call, message):
+    spec = kvlab.ModelSpec.preset("llama-3-8b")
+    with pytest.raises(ValueError, match=message) as info:
+        call(spec)
+    assert "allowed" in str(info.value) or "must" in str(info.value)
+
+
+def test_tp_error_lists_allowed_degrees():
+    with pytest.raises(ValueError, match=r"allowed: \[1, 71\]"):
+        kvlab.kv_bytes_per_token(kvlab.ModelSpec.preset("falcon-7b"), tensor_parallel=2)
+    with pytest.raises(ValueError, match="KV heads"):   # 12 divides 24 query heads but not 8 KV heads
+        kvlab.kv_bytes_per_token(kvlab.ModelSpec.preset("llama-3-8b").replace(num_heads=24), tensor_parallel=12)
+
+
+# ---- measured = predicted: the bytes of real cache tensors --------------------------------------
+
+def _cache_after_prefill(model, input_ids):
+    with torch.no_grad():
+        out = model(input_ids, use_cache=True)
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def test_measured_equals_predicted_gqa_tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    spec = kvlab.ModelSpec.from_hf_config(config, name="tiny")
+    for batch, n in [(1, 1), (1, 17), (3, 9)]:
+        cache = _cache_after_prefill(model, torch.randint(0, 100, (batch, n)))
+        assert measured_cache_bytes(cache) == kvlab.kv_cache_bytes(spec, n, batch_size=batch, kv_dtype="float32")
+    cache = _cache_after_prefill(model.to(torch.bfloat16), torch.randint(0, 100, (2, 5)))
+    assert measured_cache_bytes(cache) == kvlab.kv_cache_bytes(spec, 5, batch_size=2, kv_dtype="bfloat16")
+
+
+def test_measured_equals_predicted_mla_tiny_deepseek():
+    """transformers' DeepSeek-V3 caches the compressed latent and the RoPE key, as DeepSeek does."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    torch.manual_seed(0)
+    config = DeepseekV3Config(vocab_size=100, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+                              q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                              n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                              first_k_dense_replace=1, n_group=1, topk_group=1, max_position_embeddings=128)
+    model = DeepseekV3ForCausalLM(config).eval()
+    spec = kvlab.ModelSpec.from_hf_config(config, name="tiny-mla")
+    assert spec.attention == "mla"
+    cache = _cache_after_prefill(model, torch.randint(0, 100, (2, 11)))
+    assert measured_cache_bytes(cache) == kvlab.kv_cache_bytes(spec, 11, batch_size=2, kv_dtype="float32") \
+        == 2 * 11 * 2 * (16 + 8) * 4
+
+
+def test_measured_sliding_window_tiny_mistral():
+    """HF keeps window - 1 tokens between steps (the next token's K/V complete the window);
+    kvlab counts the full window, the most a layer holds while it attends."""
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           max_position_embeddings=128)
+    model = MistralForCausalLM(config).eval()
+    spec = kvlab.ModelSpec.from_hf_config(config, name="tiny-swa")
+    per_token = kvlab.kv_bytes_per_token(spec, "float32")
+    cache = _cache_after_prefill(model, torch.randint(0, 100, (1, 5)))     # shorter than the window
+    assert measured_cache_bytes(cache) == kvlab.kv_cache_bytes(spec, 5, kv_dtype="float32")
+    cache = _cache_after_prefill(model, torch.randint(0, 100, (1, 20)))    # longer: capped
+    assert measured_cache_bytes(cache) == kvlab.kv_cache_bytes(spec, 20, kv_dtype="float32") - per_token
+    assert kvlab.kv_cache_bytes(spec, 20, kv_dtype="float32") == kvlab.kv_cache_bytes(spec, 8, kv_dtype="float32")
+
+
+def test_measured_equals_predicted_real_smollm2():
+    """The real default model: after a prefill of N tokens its cache holds exactly kv_cache_bytes(spec, N)."""
+    lm = kvlab.load_model("smollm2-135m")
+    ids = torch.tensor([lm.encode("The factory production line optimization requires careful planning.")])
+    n = ids.shape[1]
+    cache = _cache_after_prefill(lm.hf_model, ids)
+    kv_dtype = str(lm.dtype).removeprefix("torch.")
+    assert lm.spec.num_layers == 30 and lm.spec.num_kv_heads == 3 and lm.spec.head_dim == 64
+    assert measured_cache_bytes(cache) == kvlab.kv_cache_bytes(lm.spec, n, kv_dtype=kv_dtype) \
+        == n * 30 * 2 * 3 * 64 * torch.tensor([], dtype=lm.dtype).element_size()
+    assert kvlab.kv_bytes_per_token(lm.spec, "float16") == kvlab.kv_bytes_per_token(kvlab.ModelSpec.preset("smollm2-135m"))
