@@ -45,6 +45,7 @@ INTERPRET = _choose_triton_mode()
 from kvlab.kernels.paged_attention import (  # noqa: E402
     KernelConfig, choose_num_splits, paged_attention, paged_attention_reference,
 )
+from kvlab.kernels.store_kv import store_kv, store_kv_reference  # noqa: E402
 
 __all__ = ["INTERPRET", "KernelConfig", "choose_num_splits", "paged_attention",
-           "paged_attention_reference"]
+           "paged_attention_reference", "store_kv", "store_kv_reference"]

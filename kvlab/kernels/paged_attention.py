@@ -77,7 +77,7 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 #
 # Split-K ("flash-decoding", Dao et al. 2023): with few sequences there are too few
 # (sequence, KV head) programs to keep 132 SMs busy, so each sequence's tokens are cut into
-# NUM_SPLITS ranges handled by separate programs, each writing a partial (o, m, l); a
+# num_splits ranges handled by separate programs, each writing a partial (o, m, l); a
 # second small kernel merges them: out = sum_i l_i 2^(m_i - M) o_i / sum_i l_i 2^(m_i - M).
 
 import triton  # noqa: E402  (kvlab.kernels has set TRITON_INTERPRET=1 first where there is no GPU)
@@ -91,12 +91,13 @@ def _paged_attention_kernel(
     v_cache_ptr,      # (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim) values, paged
     block_tables_ptr, # int32 (num_seqs, max_blocks) physical block of each logical block
     seq_lens_ptr,     # int32 (num_seqs) tokens cached per sequence
-    out_ptr,          # (num_seqs, num_heads, head_dim) output; written when NUM_SPLITS == 1
-    part_o_ptr,       # fp32 (num_seqs, num_heads, NUM_SPLITS, head_dim) normalized partial outputs
-    part_m_ptr,       # fp32 (num_seqs, num_heads, NUM_SPLITS) running max (log2 units) of each split
-    part_l_ptr,       # fp32 (num_seqs, num_heads, NUM_SPLITS) softmax denominator of each split
+    out_ptr,          # (num_seqs, num_heads, head_dim) output; written when not SPLIT
+    part_o_ptr,       # fp32 (num_seqs, num_heads, num_splits, head_dim) normalized partial outputs
+    part_m_ptr,       # fp32 (num_seqs, num_heads, num_splits) running max (log2 units) of each split
+    part_l_ptr,       # fp32 (num_seqs, num_heads, num_splits) softmax denominator of each split
     qk_scale,         # float: scale * log2(e), so that exp2 gives exp
     tokens_per_split, # int: tokens each split covers (a multiple of BLOCK_N)
+    num_splits,       # int: splits per sequence (the grid's third dimension)
     stride_qs, stride_qh,                 # q strides (head_dim stride is 1)
     stride_kb, stride_ks, stride_kh,      # k_cache strides: block, slot, head
     stride_vb, stride_vs, stride_vh,      # v_cache strides: block, slot, head
@@ -108,7 +109,7 @@ def _paged_attention_kernel(
     D_PAD: tl.constexpr,       # head_dim rounded up to a power of two >= 16
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,     # tokens per loop iteration
-    NUM_SPLITS: tl.constexpr,  # 1: write out directly; > 1: write partials for the reduce kernel
+    SPLIT: tl.constexpr,       # False: write out directly; True: write partials for the reduce kernel
     UPCAST: tl.constexpr,      # cast K/V/q to fp32 before tl.dot (the CPU interpreter needs it for bf16)
     IEEE: tl.constexpr,        # fp32 caches: exact fp32 dot instead of tf32
 ):
@@ -171,11 +172,11 @@ def _paged_attention_kernel(
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]     # an empty range gives zeros
     mask_out = mask_g[:, None] & mask_d[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask_out)
     else:
-        row = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split   # (G_PAD,)
+        row = (seq * (GROUP * tl.num_programs(1)) + heads) * num_splits + split   # (G_PAD,)
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_out)
         tl.store(part_m_ptr + row, m_i, mask=mask_g)
         tl.store(part_l_ptr + row, l_i, mask=mask_g)
@@ -183,14 +184,13 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _split_k_reduce_kernel(
-    part_o_ptr,   # fp32 (num_seqs, num_heads, NUM_SPLITS, head_dim) normalized partial outputs
-    part_m_ptr,   # fp32 (num_seqs, num_heads, NUM_SPLITS) max score of each split (-inf: empty)
-    part_l_ptr,   # fp32 (num_seqs, num_heads, NUM_SPLITS) softmax denominator of each split (0: empty)
+    part_o_ptr,   # fp32 (num_seqs, num_heads, num_splits, head_dim) normalized partial outputs
+    part_m_ptr,   # fp32 (num_seqs, num_heads, num_splits) max score of each split (-inf: empty)
+    part_l_ptr,   # fp32 (num_seqs, num_heads, num_splits) softmax denominator of each split (0: empty)
     out_ptr,      # (num_seqs, num_heads, head_dim) output
+    num_splits,   # int: splits per sequence
     stride_os, stride_oh,      # out strides
-    NUM_HEADS: tl.constexpr,   # num_heads
-    NUM_SPLITS: tl.constexpr,  # splits per sequence
-    S_PAD: tl.constexpr,       # NUM_SPLITS rounded up to a power of two
+    S_PAD: tl.constexpr,       # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,    # head_dim
     D_PAD: tl.constexpr,       # head_dim rounded up to a power of two
 ):
@@ -198,8 +198,8 @@ def _split_k_reduce_kernel(
     head = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D_PAD)
-    mask_s = offs_s < NUM_SPLITS
-    row = (seq * NUM_HEADS + head) * NUM_SPLITS + offs_s                     # (S_PAD,)
+    mask_s = offs_s < num_splits
+    row = (seq * tl.num_programs(1) + head) * num_splits + offs_s            # (S_PAD,)
     m = tl.load(part_m_ptr + row, mask=mask_s, other=float("-inf"))
     l = tl.load(part_l_ptr + row, mask=mask_s, other=0.0)
     m_max = tl.max(m, axis=0)
@@ -304,27 +304,35 @@ def _next_pow2(n: int, at_least: int = 1) -> int:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
-                    *, num_splits: int | None = None, config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+                    *, out: torch.Tensor | None = None, num_splits: int | None = None,
+                    config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """Decode attention on a paged KV cache with the Triton kernel (same contract as
     `paged_attention_reference`). Entries of seq_lens must lie in 0..max_blocks * block_size
     (not checked: that would need a device-to-host copy on every call).
 
+    out: where to write the result (num_seqs, num_heads, head_dim), q's dtype and device;
+        None allocates it.
     num_splits: split-K ranges per sequence; None chooses by `choose_num_splits`.
     """
     _check(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    if out is None:
+        out = torch.empty_like(q)                        # (S, Hq, D)
+    elif not (isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
+              and out.device == q.device and out.stride(-1) == 1):
+        raise ValueError(f"out must be a tensor of q's shape {tuple(q.shape)}, dtype {q.dtype} and device "
+                         f"{q.device}, contiguous in its last dimension")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out = torch.empty_like(q)                            # (S, Hq, D)
     if num_seqs == 0:
         return out
 
     max_tokens = block_tables.shape[1] * block_size      # an upper bound on every seq_len
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, config)
-    if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     block_n = config.block_n
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_tokens, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_tokens, tokens_per_split))    # drop ranges that cover nothing
@@ -339,21 +347,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_o = part_m = part_l = out                   # unused
     _paged_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_m, part_l,
-        scale * LOG2E, tokens_per_split,
+        scale * LOG2E, tokens_per_split, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, G_PAD=_next_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=num_splits > 1,
         UPCAST=interpret, IEEE=q.dtype == torch.float32 and not interpret,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
         _split_k_reduce_kernel[(num_seqs, num_heads)](
-            part_o, part_m, part_l, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, S_PAD=_next_pow2(num_splits),
+            part_o, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
+            S_PAD=_next_pow2(num_splits),
             HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
         )
     return out
