@@ -282,3 +282,11 @@ def measured_cache_bytes(past_key_values) -> int:
     else:
         pairs = [tuple(layer) for layer in past_key_values]
     return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; binary units, as memory is sized."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024

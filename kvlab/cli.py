@@ -1,0 +1,151 @@
+"""The `kvlab` command. One subcommand per concept; each is a function `cmd_<name>(args) -> int`.
+
+    kvlab memory --model llama-3-8b --gpu H100-80GB --context 8192 --kv-dtype fp8 --tp 2
+    kvlab memory --model llama-3-8b --json          # the plan as JSON, for scripts
+    kvlab memory --list                              # model and GPU presets
+
+Bad arguments print a usage error and exit with status 2 (argparse's convention).
+To add a subcommand: write `add_<name>_parser(subparsers)` and `cmd_<name>(args)`, and
+list it in `SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kvlab import memory
+from kvlab.model.presets import PRESETS, list_presets
+from kvlab.model.spec import ModelSpec
+
+
+# ---- kvlab memory ------------------------------------------------------------------------------
+
+def add_memory_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "memory", help="KV-cache memory plan: how many requests fit on a GPU",
+        description="Plan one GPU's memory for serving a model: weights, KV budget, max concurrent requests.")
+    p.add_argument("--model", default="llama-3-8b", help="model preset (see --list); default llama-3-8b")
+    p.add_argument("--gpu", default="H100-80GB",
+                   help="GPU preset (see --list) or memory in bytes, or with a unit: 24GiB, 16GB; default H100-80GB")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per request (prompt + output); default 4096 or the model's maximum if smaller")
+    p.add_argument("--kv-dtype", default="bfloat16", help=f"KV cache dtype: {', '.join(memory.KV_DTYPE_BITS)}")
+    p.add_argument("--weight-dtype", default="bfloat16", help=f"weight dtype: {', '.join(memory.KV_DTYPE_BITS)}")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs; default 1")
+    p.add_argument("--utilization", type=float, default=0.9,
+                   help="fraction of GPU memory the engine may use (vLLM's gpu_memory_utilization); default 0.9")
+    p.add_argument("--reserve-gib", type=float, default=memory.DEFAULT_RESERVE_BYTES / memory.GiB,
+                   help="reserve per GPU for activations and workspace, GiB; default 1")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--list", action="store_true", help="list model and GPU presets and exit")
+    return p
+
+
+def _parse_gpu(text: str, parser: argparse.ArgumentParser):
+    if text in memory.GPUS:
+        return text
+    units = {"gib": memory.GiB, "gb": 10**9, "mib": memory.MiB, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, scale in units.items():
+        if lowered.endswith(suffix):
+            number = lowered[: -len(suffix)]
+            break
+    else:
+        number, scale = lowered, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        parser.error(f"--gpu {text!r}: not a GPU preset ({', '.join(memory.GPUS)}) nor a size like 24GiB")
+    if value <= 0:
+        parser.error(f"--gpu {text!r}: memory must be positive")
+    return int(value)
+
+
+def format_list() -> str:
+    lines = ["Model presets (KV bytes per token at fp16):"]
+    for name in list_presets():
+        s = PRESETS[name]
+        kind = s.attention.upper() + (f", window {s.sliding_window}" if s.sliding_window else "")
+        lines.append(f"  {name:<18} {memory.kv_bytes_per_token(s, 'float16'):>9,} B  {kind:<18} "
+                     f"{s.num_params / 1e9:>7.2f}B params  max context {s.max_position_embeddings:,}")
+    lines.append("GPU presets:")
+    for name, size in memory.list_gpus().items():
+        lines.append(f"  {name:<18} {memory.human_bytes(size)}")
+    return "\n".join(lines)
+
+
+def format_plan(plan: memory.MemoryPlan, spec: ModelSpec) -> str:
+    hb = memory.human_bytes
+    tp = plan.tensor_parallel
+    where = f"{tp} x {plan.gpu} (tensor parallel {tp}); numbers per GPU" if tp > 1 else plan.gpu
+    heads = ("compressed latent, not split by head" if spec.attention == "mla"
+             else f"{plan.kv_heads_per_gpu} of {spec.num_kv_heads} KV heads per GPU"
+             + (", replicated" if plan.kv_heads_replicated else ""))
+    rows = [
+        ("GPU memory", hb(plan.gpu_bytes)),
+        (f"usable (utilization {plan.gpu_memory_utilization:.2f})", hb(plan.usable_bytes)),
+        (f"weights ({plan.weight_dtype}{f', 1/{tp} each' if tp > 1 else ''})", hb(plan.weight_bytes)),
+        ("reserve (activations, workspace)", hb(plan.reserve_bytes)),
+        ("KV budget", hb(plan.kv_budget_bytes)),
+        (f"KV per token ({plan.kv_dtype})", f"{hb(plan.kv_bytes_per_token)}  [{plan.kv_bytes_per_token:,} B; {heads}]"),
+        (f"KV per request ({plan.context_len:,} tokens)", hb(plan.kv_bytes_per_request)),
+        ("max cached tokens", f"{plan.max_cached_tokens:,}"),
+        ("max concurrent requests", f"{plan.max_concurrent_requests:,}"),
+        ("fits", "yes" if plan.fits else "NO"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    out = [f"kvlab memory plan: {spec.name} ({spec.attention.upper()}) on {where}"]
+    out += [f"  {k:<{width}}  {v}" for k, v in rows]
+    out += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(out)
+
+
+def cmd_memory(args, parser: argparse.ArgumentParser) -> int:
+    if args.list:
+        print(format_list())
+        return 0
+    if args.model not in PRESETS:
+        parser.error(f"--model {args.model!r} is not a preset; choose one of: {', '.join(list_presets())}")
+    spec = ModelSpec.preset(args.model)
+    gpu = _parse_gpu(args.gpu, parser)
+    if args.context is None:
+        args.context = min(4096, spec.max_position_embeddings or 4096)
+    try:
+        plan = memory.memory_plan(spec, gpu=gpu, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,
+                                  context_len=args.context, gpu_memory_utilization=args.utilization,
+                                  tensor_parallel=args.tp, reserve_bytes=int(args.reserve_gib * memory.GiB))
+    except ValueError as err:
+        parser.error(str(err))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan, spec))
+    return 0
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+SUBCOMMANDS = {"memory": (add_memory_parser, cmd_memory)}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="kvlab", description="kvlab: how LLM inference engines work.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    return parser, {name: add(subparsers) for name, (add, _) in SUBCOMMANDS.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, subparsers = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _, run = SUBCOMMANDS[args.command]
+        return run(args, subparsers[args.command])
+    except SystemExit as exit_:   # argparse exits 2 on usage errors, 0 after --help
+        return exit_.code if isinstance(exit_.code, int) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

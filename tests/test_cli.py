@@ -1,0 +1,79 @@
+"""The `kvlab` command: `kvlab memory` prints the same plan kvlab.memory_plan computes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import kvlab
+from kvlab.cli import main
+
+
+def test_memory_table_matches_memory_plan(capsys):
+    argv = ["memory", "--model", "llama-3-8b", "--gpu", "H100-80GB", "--context", "8192", "--kv-dtype", "fp8", "--tp", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    plan = kvlab.memory_plan(kvlab.ModelSpec.preset("llama-3-8b"), "H100-80GB", kv_dtype="fp8",
+                             context_len=8192, tensor_parallel=2)
+    assert plan.max_concurrent_requests == 254
+    assert "max concurrent requests           254" in out
+    assert "32,768 B; 4 of 8 KV heads per GPU" in out
+    assert "2 x H100-80GB (tensor parallel 2)" in out
+    assert "fits                              yes" in out
+
+
+def test_memory_json_is_the_plan(capsys):
+    assert main(["memory", "--model", "mistral-7b", "--gpu", "24GiB", "--context", "16384", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    plan = kvlab.memory_plan(kvlab.ModelSpec.preset("mistral-7b"), 24 * 1024**3, context_len=16384)
+    assert got == plan.to_dict()
+    assert got["kv_bytes_per_request"] == 4096 * 131_072  # the sliding window caps the cache
+
+
+def test_memory_that_does_not_fit(capsys):
+    assert main(["memory", "--model", "llama-3-70b", "--gpu", "A100-80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "fits                              NO" in out and "note: does not fit" in out
+
+
+def test_list(capsys):
+    assert main(["memory", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in kvlab.list_presets():
+        assert name in out
+    for gpu in kvlab.list_gpus():
+        assert gpu in out
+    assert "524,288 B  MHA" in out  # llama-2-7b
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["memory", "--model", "gpt-5"], "not a preset"),
+    (["memory", "--gpu", "B300"], "not a GPU preset"),
+    (["memory", "--gpu=-3GiB"], "must be positive"),
+    (["memory", "--gpu", "0GB"], "must be positive"),
+    (["memory", "--context", "0"], "seq_len must be a positive integer"),
+    (["memory", "--context", "lots"], "invalid int value"),
+    (["memory", "--model", "llama-2-7b", "--context", "8192"], "maximum context"),
+    (["memory", "--kv-dtype", "fp6"], "unknown dtype"),
+    (["memory", "--tp", "3"], "must divide"),
+    (["memory", "--utilization", "0"], "gpu_memory_utilization"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage: kvlab" in err and message in err
+
+
+def test_python_dash_m_kvlab():
+    done = subprocess.run([sys.executable, "-m", "kvlab", "memory", "--model", "falcon-7b", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["kv_bytes_per_token"] == 32 * 2 * 1 * 64 * 2
+    bad = subprocess.run([sys.executable, "-m", "kvlab", "memory", "--tp", "5"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "usage:" in bad.stderr
