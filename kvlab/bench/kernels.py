@@ -1,0 +1,327 @@
+"""Benchmark of the paged-attention decode kernel against its baselines, on a CUDA GPU.
+
+    python -m kvlab.bench.kernels --out data/bench/paged_attention_h100.json
+    python -m kvlab.bench.kernels --out /tmp/explore.json --explore   # sweep tile/warps/stages/splits
+
+Decode attention reads every cached K/V byte once and does ~2 FLOPs per byte:
+it is memory-bound, so the figure of merit is GB/s of K/V read per call,
+
+    kv_bytes = 2 (K and V) * batch * context * num_kv_heads * head_dim * bytes_per_element,
+
+against the ceiling of a large device-to-device copy (bytes read + written). In one
+process, on the same inputs, it times (median of `triton.testing.do_bench`, which
+flushes the L2 cache before each call):
+
+    triton           kvlab.kernels.paged_attention on the paged cache (scattered block table)
+    gather_sdpa      the torch way on a paged cache: gather K/V through the block table
+                     into a contiguous copy, then scaled_dot_product_attention
+    sdpa_contiguous  scaled_dot_product_attention on the same K/V laid out contiguously
+                     (the no-paging ideal; best of the SDPA back-ends that accept it)
+    copy             a 1 GiB device-to-device copy (the bandwidth ceiling)
+
+and checks the kernel against the references first (fresh random inputs, poisoned output).
+Results go to JSON with the card's name and the date; KERNEL_NOTES.md beside this file
+keeps the history of kernel versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.kernels import paged_attention_reference, store_kv, store_kv_reference
+from kvlab.kernels.paged_attention import KernelConfig
+
+# the module (kvlab.kernels.paged_attention as an attribute is the function of that name)
+pa = importlib.import_module("kvlab.kernels.paged_attention")
+
+# (batch, context) shapes of the issue: fp16, 32 query heads, 8 KV heads, head_dim 128, block 16
+SHAPES = [(64, 4096), (16, 16384), (256, 1024), (1, 32768), (8, 2048)]
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """One decode step's attention problem; every sequence has `context` cached tokens."""
+
+    batch: int
+    context: int
+    num_heads: int = 32       # Llama-3-8B-like attention: 32 query heads
+    num_kv_heads: int = 8     # sharing 8 KV heads (GQA, group of 4)
+    head_dim: int = 128
+    block_size: int = 16      # vLLM's default block size
+    dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.batch < 1 or self.context < 1:
+            raise ValueError("batch and context must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K and V a decode step must read: the numerator of GB/s."""
+        elem = torch.finfo(self.torch_dtype).bits // 8
+        return 2 * self.batch * self.context * self.num_kv_heads * self.head_dim * elem
+
+
+def make_inputs(shape: DecodeShape, device: str | torch.device = "cuda", seed: int = 0) -> dict:
+    """Random q and a paged K/V cache whose blocks are scattered (a random permutation),
+    plus the same K/V laid out contiguously as (batch, num_kv_heads, context, head_dim)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    b, n, hkv, d, bs = shape.batch, shape.context, shape.num_kv_heads, shape.head_dim, shape.block_size
+    blocks_per_seq = math.ceil(n / bs)
+    num_blocks = b * blocks_per_seq
+    dt = shape.torch_dtype
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=g, device=device, dtype=dt)   # paged, layout of kvlab.paged
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=g, device=device, dtype=dt)
+    perm = torch.randperm(num_blocks, generator=g, device=device)              # scattered blocks
+    block_tables = perm.view(b, blocks_per_seq).to(torch.int32)                # (B, blocks_per_seq)
+    seq_lens = torch.full((b,), n, dtype=torch.int32, device=device)
+    q = torch.randn(b, shape.num_heads, d, generator=g, device=device, dtype=dt)   # (B, Hq, D)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+
+
+def gather_kv(k_cache, v_cache, block_tables, context):
+    """Gather through the block table: (B, Hkv, context, D) contiguous copies of K and V."""
+    b = block_tables.shape[0]
+    idx = block_tables.long()
+    k = k_cache[idx].flatten(1, 2)[:, :context]          # (B, blocks * block_size, Hkv, D) -> (B, N, Hkv, D)
+    v = v_cache[idx].flatten(1, 2)[:, :context]
+    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()   # (B, Hkv, N, D)
+
+
+def sdpa_decode(q, k, v):
+    """q (B, Hq, D); k, v (B, Hkv, N, D) -> (B, Hq, D), GQA inside SDPA."""
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+
+
+def gather_sdpa(q, k_cache, v_cache, block_tables, seq_lens, context):
+    """The torch baseline on a paged cache (all sequences `context` long)."""
+    k, v = gather_kv(k_cache, v_cache, block_tables, context)
+    return sdpa_decode(q, k, v)
+
+
+def _rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+# --------------------------------------------------------------------------- correctness
+
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}   # relative (norm) error
+
+
+def correctness_cases() -> list[tuple]:
+    """(dtype, group, head_dim, block_size, seq_lens, num_splits) cases for the GPU check: every
+    compiled variant costs a second or two, so fewer than the CPU tests (which cover the grid)."""
+    cases = []
+    for group, head_dim, bs in ((1, 64, 16), (1, 128, 16), (4, 64, 16), (4, 128, 16), (8, 64, 16),
+                                (8, 128, 16), (3, 64, 32)):
+        for splits in (None, 5):
+            cases.append(("float16", group, head_dim, bs, [1, bs - 1, bs, bs + 1, 3000], splits))
+    for dtype in ("bfloat16", "float32"):
+        for splits in (None, 5):
+            cases.append((dtype, 4, 128, 16, [1, 15, 16, 17, 3000], splits))
+    return cases
+
+
+def check_correctness(device="cuda", seed=0, cases=None) -> list[dict]:
+    """Kernel vs reference on fresh random inputs for each case; output poisoned with NaN."""
+    rows = []
+    torch.manual_seed(seed)
+    for dtype, group, head_dim, bs, lens, splits in cases or correctness_cases():
+        dt = getattr(torch, dtype)
+        hkv = 2
+        max_blocks = math.ceil(max(lens) / bs)
+        num_blocks = len(lens) * max_blocks + 7
+        k_cache = torch.randn(num_blocks, bs, hkv, head_dim, device=device, dtype=dt)
+        v_cache = torch.randn_like(k_cache)
+        block_tables = torch.stack([torch.randperm(num_blocks, device=device)[:max_blocks]
+                                    for _ in lens]).int()
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+        q = torch.randn(len(lens), hkv * group, head_dim, device=device, dtype=dt)
+        out = torch.full_like(q, float("nan"))
+        pa.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, out=out, num_splits=splits)
+        ref = paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens)
+        err = _rel_err(out, ref)
+        ok = bool(torch.isfinite(out).all()) and err <= TOLERANCE[dtype]
+        rows.append(dict(dtype=dtype, group=group, head_dim=head_dim, block_size=bs, splits=splits,
+                         rel_err=err, ok=ok))
+    # store_kv: exact
+    for dtype in ("float16", "bfloat16", "float32"):
+        dt = getattr(torch, dtype)
+        k_cache = torch.randn(64, 16, 8, 128, device=device, dtype=dt)
+        v_cache = torch.randn_like(k_cache)
+        key, value = torch.randn(2, 300, 8, 128, device=device, dtype=dt)
+        slots = torch.randperm(64 * 16, device=device)[:300]
+        slots[::7] = -1
+        k2, v2 = k_cache.clone(), v_cache.clone()
+        store_kv(key, value, k_cache, v_cache, slots)
+        store_kv_reference(key, value, k2, v2, slots)
+        rows.append(dict(dtype=dtype, kernel="store_kv", ok=bool(torch.equal(k_cache, k2) and torch.equal(v_cache, v2))))
+    return rows
+
+
+# --------------------------------------------------------------------------- timing
+
+def _bench(fn, warmup=25, rep=100) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def time_copy(nbytes=2**30) -> dict:
+    x = torch.empty(nbytes // 2, device="cuda", dtype=torch.float16).normal_()
+    y = torch.empty_like(x)
+    ms = _bench(lambda: y.copy_(x))
+    return dict(bytes=2 * nbytes, ms=ms, gbps=2 * nbytes / ms / 1e6)
+
+
+_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def time_shape(shape: DecodeShape, configs: list[tuple[KernelConfig, int | None]] | None = None,
+               baselines: bool = True) -> dict:
+    """Time the kernel (each (config, num_splits) given; default: the launcher's choice) and
+    the baselines on one shape; check each kernel output against contiguous SDPA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    inp = make_inputs(shape)
+    q = inp["q"]
+    gb = shape.kv_bytes / 1e9
+    res: dict = dict(shape=asdict(shape), kv_bytes=shape.kv_bytes, kernel=[], baselines={})
+    k, v = gather_kv(inp["k_cache"], inp["v_cache"], inp["block_tables"], shape.context)   # (B, Hkv, N, D)
+    ref = sdpa_decode(q, k, v)
+    if baselines:
+        best = None
+        for name in _BACKENDS:
+            backend = getattr(SDPBackend, name)
+            try:
+                with sdpa_kernel(backend):
+                    sdpa_decode(q, k, v)
+                    torch.cuda.synchronize()
+                    ms = _bench(lambda: sdpa_decode(q, k, v))
+            except Exception as e:  # back-end refuses this problem (RuntimeError, or a warning-as-error)
+                res["baselines"][f"sdpa_contiguous[{name}]"] = dict(error=str(e).splitlines()[0][:200])
+                continue
+            res["baselines"][f"sdpa_contiguous[{name}]"] = dict(ms=ms, gbps=gb / ms * 1e3)
+            if best is None or ms < best[1]:
+                best = (name, ms)
+        res["baselines"]["sdpa_contiguous"] = dict(ms=best[1], gbps=gb / best[1] * 1e3, backend=best[0])
+        del k, v
+        torch.cuda.empty_cache()
+        with sdpa_kernel(getattr(SDPBackend, best[0])):
+            args = (q, inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"], shape.context)
+            ms = _bench(lambda: gather_sdpa(*args))
+        res["baselines"]["gather_sdpa"] = dict(ms=ms, gbps=gb / ms * 1e3, backend=best[0])
+    else:
+        del k, v
+    for config, splits in configs or [(pa.DEFAULT_CONFIG, None)]:
+        out = torch.full_like(q, float("nan"))
+        call_args = (q, inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"])
+        row = dict(config=asdict(config), num_splits=splits)
+        try:
+            pa.paged_attention(*call_args, out=out, num_splits=splits, config=config)
+            torch.cuda.synchronize()
+        except Exception as e:  # e.g. out of shared memory for a large tile
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            res["kernel"].append(row)
+            continue
+        row["rel_err_vs_sdpa"] = _rel_err(out, ref)
+        row["num_splits_used"] = splits if splits is not None else pa.choose_num_splits(
+            shape.batch, shape.num_kv_heads, inp["block_tables"].shape[1] * shape.block_size, config)
+        ms = _bench(lambda: pa.paged_attention(*call_args, out=out, num_splits=splits, config=config),
+                    warmup=10 if len(configs or ()) > 1 else 25, rep=40 if len(configs or ()) > 1 else 100)
+        row.update(ms=ms, gbps=gb / ms * 1e3)
+        res["kernel"].append(row)
+    del inp
+    torch.cuda.empty_cache()
+    return res
+
+
+def explore_configs(shape: DecodeShape) -> list[tuple[KernelConfig, int | None]]:
+    """The sweep: tile length, warps, pipeline stages, and every sensible split count."""
+    programs = shape.batch * shape.num_kv_heads
+    splits = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if programs * s <= 4096 and shape.context // s >= 128]
+    return [(KernelConfig(block_n=bn, num_warps=w, num_stages=st), s)
+            for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4) for s in splits]
+
+
+def time_store_kv(num_tokens=256, shape=DecodeShape(64, 4096)) -> dict:
+    """store_kv for one decode step of `num_tokens` sequences into a big cache (bytes: read + write)."""
+    inp = make_inputs(shape)
+    dt = shape.torch_dtype
+    key = torch.randn(num_tokens, shape.num_kv_heads, shape.head_dim, device="cuda", dtype=dt)
+    value = torch.randn_like(key)
+    slots = torch.randperm(inp["k_cache"].shape[0] * shape.block_size, device="cuda")[:num_tokens]
+    ms = _bench(lambda: store_kv(key, value, inp["k_cache"], inp["v_cache"], slots))
+    nbytes = 2 * 2 * key.numel() * key.element_size()
+    return dict(num_tokens=num_tokens, ms=ms, gbps=nbytes / ms / 1e6)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--explore", action="store_true", help="sweep kernel configs and split counts")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness grid")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kvlab.bench.kernels needs a CUDA GPU (the notebook plots the committed JSON instead)")
+    import triton
+    from tqdm.auto import tqdm
+
+    props = torch.cuda.get_device_properties(0)
+    result = dict(
+        card=torch.cuda.get_device_name(0), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        sm_count=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(),
+        default_config=asdict(pa.DEFAULT_CONFIG), explore=args.explore,
+    )
+    if not args.no_check:
+        checks = check_correctness()
+        result["checks"] = checks
+        bad = [c for c in checks if not c["ok"]]
+        print(f"correctness: {len(checks) - len(bad)}/{len(checks)} cases pass"
+              + (f"; worst failures: {bad[:5]}" if bad else ""))
+    result["copy"] = time_copy()
+    print(f"copy: {result['copy']['gbps']:.0f} GB/s")
+    result["store_kv"] = time_store_kv()
+    result["shapes"] = []
+    for b, n in tqdm(SHAPES, desc="shapes"):
+        shape = DecodeShape(b, n)
+        configs = explore_configs(shape) if args.explore else None
+        r = time_shape(shape, configs)
+        result["shapes"].append(r)
+        with open(args.out, "w") as f:       # keep what is done if a later shape fails
+            json.dump(result, f, indent=1)
+    copy = result["copy"]["gbps"]
+    print(f"\n{'batch':>5} {'ctx':>6} {'splits':>6} {'triton':>7} {'gather':>7} {'sdpa':>7} {'copy':>6}"
+          f"  {'tr/sdpa':>7} {'tr/gath':>7} {'tr/copy':>7}  (GB/s of K/V)")
+    for r in result["shapes"]:
+        ok = [k for k in r["kernel"] if "ms" in k]
+        best = min(ok, key=lambda k: k["ms"])
+        base = r["baselines"]
+        sd, ga = base["sdpa_contiguous"]["gbps"], base["gather_sdpa"]["gbps"]
+        r["ratios"] = dict(vs_sdpa=best["gbps"] / sd, vs_gather=best["gbps"] / ga, vs_copy=best["gbps"] / copy)
+        print(f"{r['shape']['batch']:>5} {r['shape']['context']:>6} {best['num_splits_used']:>6} {best['gbps']:>7.0f}"
+              f" {ga:>7.0f} {sd:>7.0f} {copy:>6.0f}  {r['ratios']['vs_sdpa']:>7.2f} {r['ratios']['vs_gather']:>7.2f}"
+              f" {r['ratios']['vs_copy']:>7.2f}  err {best['rel_err_vs_sdpa']:.1e}"
+              + (f"  best {best['config']} splits={best['num_splits']}" if args.explore else ""))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
