@@ -262,3 +262,58 @@ def test_measured_equals_predicted_real_smollm2():
     assert measured_cache_bytes(cache) == kvlab.kv_cache_bytes(lm.spec, n, kv_dtype=kv_dtype) \
         == n * 30 * 2 * 3 * 64 * torch.tensor([], dtype=lm.dtype).element_size()
     assert kvlab.kv_bytes_per_token(lm.spec, "float16") == kvlab.kv_bytes_per_token(kvlab.ModelSpec.preset("smollm2-135m"))
+
+
+# ---- the calculator's logic (its browser behaviour is tests/test_browser.py) --------------------
+
+def test_calculator_shows_memory_plan_and_readable_errors():
+    from kvlab.ui.memory_calculator import MemoryCalculator
+    calc = MemoryCalculator(model="llama-3-8b", gpu="H100-80GB", context_len=4096, plot=False)
+    expected = kvlab.memory_plan(kvlab.ModelSpec.preset("llama-3-8b"), "H100-80GB", context_len=4096)
+    assert calc.plan == expected
+    assert f"<span class='kvlab-max-concurrency'>{expected.max_concurrent_requests}</span>" in calc.results.value
+    calc.model.value = "llama-2-7b"
+    calc.context.value = 2048
+    assert calc.plan == kvlab.memory_plan(kvlab.ModelSpec.preset("llama-2-7b"), "H100-80GB", context_len=2048)
+    calc.context.value = 8192                     # beyond Llama-2's 4096: a message, not a traceback
+    assert calc.plan is None and "maximum context" in calc.error
+    assert "kvlab-error" in calc.results.value and "Traceback" not in calc.results.value
+    assert "<span class='kvlab-max-concurrency'>n/a</span>" in calc.results.value
+    calc.context.value = 4096
+    calc.model.value = "falcon-7b"                # 71 heads: TP 2 is invalid
+    calc.context.value, calc.tp.value = 2048, 2
+    assert calc.plan is None and "allowed: [1, 71]" in calc.error
+    calc.tp.value = 1
+    calc.model.value = "llama-3-70b"              # does not fit on one GPU: a warning and 0
+    assert calc.plan.max_concurrent_requests == 0 and "does not fit" in calc.results.value
+
+
+def test_calculator_custom_model_and_gpu():
+    from kvlab.ui.memory_calculator import MemoryCalculator
+    calc = MemoryCalculator(plot=False)
+    calc.model.value = "custom"
+    calc.c_layers.value, calc.c_heads.value, calc.c_kv_heads.value, calc.c_head_dim.value = 32, 32, 8, 128
+    calc.c_attention.value, calc.c_params_b.value = "gqa", 8.0
+    assert calc.plan.kv_bytes_per_token == 32 * 2 * 8 * 128 * 2
+    calc.c_attention.value = "mqa"
+    assert calc.plan.kv_bytes_per_token == 32 * 2 * 1 * 128 * 2
+    calc.c_attention.value = "mla"
+    assert calc.plan.kv_bytes_per_token == 32 * (512 + 64) * 2
+    calc.c_heads.value = 0
+    assert calc.plan is None and "query heads must be a positive integer" in calc.error
+    calc.c_heads.value = 32
+    calc.gpu.value = "custom"
+    calc.gpu_gib.value = 24.0
+    assert calc.plan.gpu_bytes == 24 * GiB
+    calc.gpu_gib.value = 0.0
+    assert calc.plan is None and "GPU memory must be positive" in calc.error
+
+
+def test_comparison_rows():
+    from kvlab.ui.memory_calculator import compare
+    rows = compare(["llama-2-7b", "llama-3-8b", "falcon-7b", "deepseek-v3"], gpu="H100-80GB", context_len=2048)
+    by = {r["model"]: r for r in rows}
+    assert by["llama-3-8b"]["kv_bytes_per_token"] * 4 == by["llama-2-7b"]["kv_bytes_per_token"]
+    assert by["falcon-7b"]["max_concurrent_requests"] > by["llama-3-8b"]["max_concurrent_requests"]
+    assert by["deepseek-v3"]["fits"] is False and by["deepseek-v3"]["max_concurrent_requests"] == 0
+    assert compare(["falcon-7b"], context_len=4096)[0]["error"].startswith("seq_len 4096 exceeds")
