@@ -202,12 +202,13 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _load_from_hub_or_dir(name: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
+        config = AutoConfig.from_pretrained(name)            # fails first, and once, when unreachable
         tokenizer = AutoTokenizer.from_pretrained(name)
         check_tokenizer(tokenizer, name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
     except ModelNotAvailableError:
         raise
     except (OSError, ValueError) as e:
