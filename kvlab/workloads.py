@@ -17,8 +17,9 @@ PagedAttention", SOSP 2023, §6.1 and Figure 11):
 **These are synthetic draws matching those published means, not the traces
 themselves.** Lengths are log-normal (long-tailed like real conversations:
 most answers are short, a few are very long); the spreads (`sigma`) are our
-choice, and each log-mean is solved so that the mean *after* clipping to the
-maximum length equals the published one. Everything is seeded and reproducible.
+choice, and each log-mean is solved so that the mean *after* clipping to 2048
+tokens (OPT's context, the paper's setting) equals the published one; another
+`max_len` clips the same draws differently. Everything is seeded and reproducible.
 Real traces can be loaded from CSV or JSONL with `load`.
 """
 
@@ -29,6 +30,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -115,21 +117,28 @@ def poisson_arrivals(n: int, rate: float | None, seed: int = 0) -> np.ndarray:
     return np.cumsum(gaps) - gaps[0]  # the first request arrives at time 0
 
 
-def _lognormal_mu(mean: float, sigma: float, clip: float) -> float:
-    """Log-mean mu with E[min(X, clip)] == mean for X ~ LogNormal(mu, sigma) (bisection on the closed form)."""
-    phi = lambda z: 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))  # standard normal CDF
+def _phi(z: float) -> float:
+    """Standard normal CDF."""
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
-    def clipped_mean(mu: float) -> float:
-        lc = math.log(clip)
-        return (math.exp(mu + sigma**2 / 2) * phi((lc - mu - sigma**2) / sigma)
-                + clip * (1.0 - phi((lc - mu) / sigma)))
 
-    if mean >= clip:
-        raise ValueError(f"a mean of {mean} tokens cannot be reached when lengths are clipped at {clip}")
-    lo, hi = -20.0, math.log(clip) + 20.0
-    for _ in range(200):
+def _clipped_lognormal_mean(mu: float, sigma: float, clips: Sequence[float]) -> float:
+    """Average over `clips` c of E[min(X, c)] for X ~ LogNormal(mu, sigma) (closed form)."""
+    total = 0.0
+    for c in clips:
+        lc = math.log(c)
+        total += math.exp(mu + sigma**2 / 2) * _phi((lc - mu - sigma**2) / sigma) + c * (1.0 - _phi((lc - mu) / sigma))
+    return total / len(clips)
+
+
+def _lognormal_mu(mean: float, sigma: float, clips: Sequence[float]) -> float:
+    """Log-mean mu with the clipped mean (above) equal to `mean`, by bisection (it grows with mu)."""
+    if mean >= sum(clips) / len(clips):
+        raise ValueError(f"a mean of {mean} tokens cannot be reached when lengths are clipped at {max(clips)}")
+    lo, hi = -20.0, math.log(max(clips)) + 20.0
+    for _ in range(60):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if clipped_mean(mid) < mean else (lo, mid)
+        lo, hi = (mid, hi) if _clipped_lognormal_mean(mid, sigma, clips) < mean else (lo, mid)
     return 0.5 * (lo + hi)
 
 
@@ -140,14 +149,24 @@ def _check_common(n: int, max_len: int) -> None:
         raise ValueError(f"max_len must be an integer >= 2 (one prompt and one output token), got {max_len!r}")
 
 
+PUBLISHED_MAX_LEN = 2048  # the traces' means are of requests that fit OPT's 2048-token context
+
+
 def lognormal_lengths(n: int, mean_prompt: float, mean_output: float, *, sigma_prompt: float,
                       sigma_output: float, max_len: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt_len, output_len), each (n,) int64, long-tailed, clipped so prompt + output <= max_len."""
+    """(prompt_len, output_len), each (n,) int64, long-tailed, clipped so prompt + output <= max_len.
+
+    The distributions are solved once, so that at max_len = PUBLISHED_MAX_LEN the means are
+    mean_prompt and mean_output; another max_len serves the same draws clipped differently
+    (a smaller one shortens the long tail and lowers the means).
+    """
     _check_common(n, max_len)
     rng = np.random.default_rng([seed, 0])
-    mu_p = _lognormal_mu(mean_prompt, sigma_prompt, max_len - 1)
-    # the output may use what the prompt leaves; solve its mean against the room a typical prompt leaves
-    mu_o = _lognormal_mu(mean_output, sigma_output, max_len - mean_prompt)
+    ref = PUBLISHED_MAX_LEN
+    mu_p = _lognormal_mu(mean_prompt, sigma_prompt, [ref - 1])
+    # the output may use the room its prompt leaves: average that clip over 64 quantiles of the prompt
+    quantiles = [NormalDist(mu_p, sigma_prompt).inv_cdf((i + 0.5) / 64) for i in range(64)]
+    mu_o = _lognormal_mu(mean_output, sigma_output, [ref - min(max(math.exp(q), 1), ref - 1) for q in quantiles])
     prompt = np.clip(np.rint(rng.lognormal(mu_p, sigma_prompt, n)), 1, max_len - 1).astype(np.int64)
     output = np.clip(np.rint(rng.lognormal(mu_o, sigma_output, n)), 1, max_len - prompt).astype(np.int64)
     return prompt, output
@@ -157,7 +176,8 @@ def sharegpt_like(n: int = 1000, seed: int = 0, *, rate: float | None = None, ma
     """Synthetic ShareGPT-like trace: long-tailed lengths with the published means (161.31 in, 337.99 out).
 
     Not the ShareGPT trace: log-normal draws (sigma 1.0 for prompts and outputs, our choice) whose
-    clipped means match those the vLLM paper reports. Arrivals: Poisson at `rate` per step, or all at 0.
+    means, clipped at 2048 tokens, match those the vLLM paper reports. Arrivals: Poisson at `rate`
+    per step, or all at 0. Requests are clipped so that prompt + output <= max_len.
     """
     p, o = lognormal_lengths(n, *SHAREGPT_MEANS, sigma_prompt=1.0, sigma_output=1.0, max_len=max_len, seed=seed)
     return Workload(p, o, poisson_arrivals(n, rate, seed), name="sharegpt-like")
@@ -167,7 +187,7 @@ def alpaca_like(n: int = 1000, seed: int = 0, *, rate: float | None = None, max_
     """Synthetic Alpaca-like trace: short lengths with the published means (19.31 in, 58.45 out).
 
     Not the Alpaca data set: log-normal draws (sigma 0.6 for prompts, 0.8 for outputs, our choice)
-    whose clipped means match those the vLLM paper reports.
+    whose means, clipped at 2048 tokens, match those the vLLM paper reports.
     """
     p, o = lognormal_lengths(n, *ALPACA_MEANS, sigma_prompt=0.6, sigma_output=0.8, max_len=max_len, seed=seed)
     return Workload(p, o, poisson_arrivals(n, rate, seed), name="alpaca-like")

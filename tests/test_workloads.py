@@ -1,0 +1,119 @@
+"""kvlab.workloads: synthetic traces match the published means, are long-tailed, clipped, seeded."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kvlab import workloads as W
+
+
+@pytest.mark.parametrize("make, means", [(W.sharegpt_like, W.SHAREGPT_MEANS), (W.alpaca_like, W.ALPACA_MEANS)])
+def test_means_match_the_vllm_paper(make, means):
+    wl = make(200_000, seed=3)
+    assert wl.prompt_len.mean() == pytest.approx(means[0], rel=0.015)
+    assert wl.output_len.mean() == pytest.approx(means[1], rel=0.015)
+
+
+def test_published_means_are_the_papers():
+    assert W.SHAREGPT_MEANS == (161.31, 337.99)
+    assert W.ALPACA_MEANS == (19.31, 58.45)
+
+
+@pytest.mark.parametrize("make", [W.sharegpt_like, W.alpaca_like, W.uniform])
+@pytest.mark.parametrize("max_len", [2, 64, 512, 2048])
+def test_lengths_positive_and_clipped_to_max_len(make, max_len):
+    wl = make(20_000, seed=1, max_len=max_len)
+    assert wl.prompt_len.min() >= 1 and wl.output_len.min() >= 1
+    assert wl.total_len.max() <= max_len
+
+
+def test_sharegpt_like_is_long_tailed():
+    out = W.sharegpt_like(50_000, seed=0).output_len
+    assert np.percentile(out, 99) > 5 * np.median(out)   # a few very long answers
+    assert np.median(out) < out.mean()                    # most are shorter than the mean
+
+
+def test_docstrings_say_synthetic_not_the_real_traces():
+    for f in (W.sharegpt_like, W.alpaca_like):
+        assert "Not the" in f.__doc__ and "synthetic" in f.__doc__.lower()
+    assert "synthetic draws matching those published means, not the traces" in W.__doc__.replace("\n", " ") \
+        .replace("**", "").replace("  ", " ")
+
+
+def test_seeded_and_reproducible():
+    a, b, c = W.sharegpt_like(1000, seed=7, rate=0.1), W.sharegpt_like(1000, seed=7, rate=0.1), W.sharegpt_like(1000, seed=8, rate=0.1)
+    assert np.array_equal(a.prompt_len, b.prompt_len) and np.array_equal(a.output_len, b.output_len)
+    assert np.array_equal(a.arrival_time, b.arrival_time)
+    assert not np.array_equal(a.output_len, c.output_len)
+
+
+def test_poisson_arrivals():
+    t = W.poisson_arrivals(100_000, rate=0.25, seed=0)
+    assert t[0] == 0 and np.all(np.diff(t) >= 0)
+    assert np.diff(t).mean() == pytest.approx(4.0, rel=0.02)        # mean gap 1 / rate
+    assert np.diff(t).std() == pytest.approx(4.0, rel=0.03)         # exponential gaps: std == mean
+    assert np.array_equal(W.poisson_arrivals(5, None), np.zeros(5))  # all at once
+
+
+def test_with_arrivals_keeps_lengths():
+    wl = W.alpaca_like(100, seed=0)
+    re = wl.with_arrivals(0.5, seed=1)
+    assert np.array_equal(re.prompt_len, wl.prompt_len) and re.arrival_time[-1] > 0
+
+
+def test_uniform_ranges():
+    wl = W.uniform(5000, seed=0, prompt_range=(10, 20), output_range=(5, 6))
+    assert wl.prompt_len.min() == 10 and wl.prompt_len.max() == 20
+    assert set(wl.output_len.tolist()) == {5, 6}
+
+
+def test_workload_is_a_sequence_of_requests():
+    wl = W.from_lengths([3, 4], [5, 6], [0.0, 2.5])
+    assert len(wl) == 2 and list(wl) == [W.Request(3, 5, 0.0), W.Request(4, 6, 2.5)]
+    assert wl[1].prompt_len == 4 and np.array_equal(wl.total_len, [8, 10])
+
+
+def test_load_csv_and_jsonl(tmp_path):
+    csv_path = tmp_path / "trace.csv"
+    csv_path.write_text("prompt_len,output_len,arrival_time\n10,20,0\n30,40,1.5\n")
+    jsonl_path = tmp_path / "trace.jsonl"
+    jsonl_path.write_text(json.dumps({"prompt_len": 10, "output_len": 20}) + "\n"
+                          + json.dumps({"prompt_len": 30, "output_len": 40, "arrival_time": 1.5}) + "\n")
+    for path in (csv_path, jsonl_path):
+        wl = W.load(path)
+        assert wl.prompt_len.tolist() == [10, 30] and wl.output_len.tolist() == [20, 40]
+        assert wl.arrival_time.tolist() == [0.0, 1.5] and wl.name == "trace"
+
+
+def test_load_bad_files(tmp_path):
+    bad = tmp_path / "trace.csv"
+    bad.write_text("prompt_len\n10\n")
+    with pytest.raises(ValueError, match="output_len"):
+        W.load(bad)
+    with pytest.raises(ValueError, match=".csv or .jsonl"):
+        W.load(tmp_path / "trace.txt")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt_len=[0], output_len=[1]), ">= 1"),
+    (dict(prompt_len=[1], output_len=[0]), ">= 1"),
+    (dict(prompt_len=[1, 2], output_len=[1]), "one length"),
+    (dict(prompt_len=[1], output_len=[1], arrival_time=[-1.0]), "arrival_time"),
+    (dict(prompt_len=[1], output_len=[1], arrival_time=[np.nan]), "arrival_time"),
+])
+def test_bad_workloads(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        W.from_lengths(**kwargs)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: W.sharegpt_like(10, rate=0), "rate"),
+    (lambda: W.sharegpt_like(10, rate=-1.0), "rate"),
+    (lambda: W.sharegpt_like(-1), "n must"),
+    (lambda: W.alpaca_like(10, max_len=1), "max_len"),
+    (lambda: W.uniform(10, prompt_range=(5, 2)), "prompt_range"),
+])
+def test_bad_generator_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
