@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlab.kernels import paged_attention_reference
 from kvlab.model.attention import sdpa
 
 DecodeAttentionFn = Callable[..., torch.Tensor]
@@ -77,11 +78,6 @@ class PagedBatch:
                    torch.as_tensor(list(seq_lens), dtype=torch.int32, device=device))
 
 
-def default_decode_attention() -> DecodeAttentionFn:
-    from kvlab.kernels import paged_attention_reference
-    return paged_attention_reference
-
-
 class PagedAttention:
     """An attention function (kvlab.model.attention.AttentionFn) over a PagedKVCache.
 
@@ -92,7 +88,7 @@ class PagedAttention:
 
     def __init__(self, cache, decode_attention: DecodeAttentionFn | None = None):
         self.cache = cache
-        self.decode_attention = decode_attention or default_decode_attention()
+        self.decode_attention = decode_attention or paged_attention_reference
         self.batch: PagedBatch | None = None
 
     def set_batch(self, batch: PagedBatch) -> "PagedAttention":

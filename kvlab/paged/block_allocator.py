@@ -241,7 +241,11 @@ class BlockAllocator:
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> list[int]:
         """The child shares every block of the parent (each count + 1); nothing is copied
-        until one of them appends into a shared, partly filled block. Returns the child's table."""
+        until one of them appends into a shared, partly filled block. Returns the child's table.
+
+        Fork a sequence whose tokens are already in the cache (after the forward pass that
+        wrote them): copy-on-write copies run before a step's writes, so a block forked and
+        copied within the step that first fills it would be copied empty."""
         parent = self._seq(parent_id)
         if child_id in self._seqs:
             raise ValueError(f"cannot fork into {child_id!r}: that sequence is already allocated")

@@ -97,12 +97,11 @@ class PagedKVCache:
         flat[1, layer_idx].index_copy_(0, slot_mapping, v.to(self.dtype))
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
-        """Perform copy-on-write copies (source, destination), every layer, keys and values."""
-        if not copies:
-            return
-        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=self.device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=self.device)
-        self.kv[:, :, dst] = self.kv[:, :, src]
+        """Perform copy-on-write copies (source, destination), every layer, keys and values.
+        One block at a time, in order: a later copy may read a block an earlier one wrote
+        (fork after copy-on-write in the same step)."""
+        for src, dst in copies:
+            self.kv[:, :, dst] = self.kv[:, :, src]         # (2, L, block_size, Hkv, D)
 
     def gather(self, layer_idx: int, block_table: Sequence[int] | torch.Tensor,
                num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
