@@ -32,7 +32,8 @@ import importlib
 import json
 import math
 import platform
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,7 @@ class DecodeShape:
 
 
 def make_inputs(shape: DecodeShape, device: str | torch.device = "cuda", seed: int = 0) -> dict:
-    """Random q and a paged K/V cache whose blocks are scattered (a random permutation),
-    plus the same K/V laid out contiguously as (batch, num_kv_heads, context, head_dim)."""
+    """Random q and a paged K/V cache whose blocks are scattered (a random permutation)."""
     g = torch.Generator(device=device).manual_seed(seed)
     b, n, hkv, d, bs = shape.batch, shape.context, shape.num_kv_heads, shape.head_dim, shape.block_size
     blocks_per_seq = math.ceil(n / bs)
@@ -94,12 +94,13 @@ def make_inputs(shape: DecodeShape, device: str | torch.device = "cuda", seed: i
 
 
 def gather_kv(k_cache, v_cache, block_tables, context):
-    """Gather through the block table: (B, Hkv, context, D) contiguous copies of K and V."""
+    """Gather through the block table: copies of K and V, (B, context, Hkv, D) in memory,
+    returned as (B, Hkv, context, D) views."""
     b = block_tables.shape[0]
     idx = block_tables.long()
     k = k_cache[idx].flatten(1, 2)[:, :context]          # (B, blocks * block_size, Hkv, D) -> (B, N, Hkv, D)
     v = v_cache[idx].flatten(1, 2)[:, :context]
-    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()   # (B, Hkv, N, D)
+    return k.transpose(1, 2), v.transpose(1, 2)          # (B, Hkv, N, D) views, as SDPA takes them
 
 
 def sdpa_decode(q, k, v):
@@ -125,7 +126,8 @@ TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}   # relative 
 
 def correctness_cases() -> list[tuple]:
     """(dtype, group, head_dim, block_size, seq_lens, num_splits) cases for the GPU check: every
-    compiled variant costs a second or two, so fewer than the CPU tests (which cover the grid)."""
+    compiled variant costs a second or two, so fewer than the CPU tests (which cover the grid).
+    A negative num_splits means that many splits merged in-kernel (fused_reduce)."""
     cases = []
     for group, head_dim, bs in ((1, 64, 16), (1, 128, 16), (4, 64, 16), (4, 128, 16), (8, 64, 16),
                                 (8, 128, 16), (3, 64, 32)):
@@ -134,6 +136,8 @@ def correctness_cases() -> list[tuple]:
     for dtype in ("bfloat16", "float32"):
         for splits in (None, 5):
             cases.append((dtype, 4, 128, 16, [1, 15, 16, 17, 3000], splits))
+    for group, head_dim, bs in ((4, 128, 16), (3, 64, 32), (8, 64, 16)):   # the fused split-K merge
+        cases.append(("float16", group, head_dim, bs, [1, bs - 1, bs, bs + 1, 3000], -5))
     return cases
 
 
@@ -153,7 +157,9 @@ def check_correctness(device="cuda", seed=0, cases=None) -> list[dict]:
         seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
         q = torch.randn(len(lens), hkv * group, head_dim, device=device, dtype=dt)
         out = torch.full_like(q, float("nan"))
-        pa.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, out=out, num_splits=splits)
+        config = replace(pa.DEFAULT_CONFIG, fused_reduce=splits is not None and splits < 0)
+        pa.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, out=out,
+                           num_splits=abs(splits) if splits else None, config=config)
         ref = paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens)
         err = _rel_err(out, ref)
         ok = bool(torch.isfinite(out).all()) and err <= TOLERANCE[dtype]
@@ -177,60 +183,109 @@ def check_correctness(device="cuda", seed=0, cases=None) -> list[dict]:
 # --------------------------------------------------------------------------- timing
 
 def _bench(fn, warmup=25, rep=100) -> float:
+    """Eager: median ms of `do_bench` (L2 flushed before each call; CPU launch overhead shows
+    when it exceeds the GPU time of a call, as it does for a ~20 µs decode step)."""
     import triton.testing
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _bench_graph(fns, reps=30) -> float:
+    """GPU time only: the calls `fns` (one per input set, so that a set is out of L2 by the time
+    it is read again) captured back to back in a CUDA graph; median ms per call over replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return sorted(times)[len(times) // 2] / len(fns)
+
+
+def _cpu_us(fn, n=200) -> float:
+    """Host time to issue one call (launch overhead), GPU work not waited for."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return t / n * 1e6
+
+
+def _measure(fns, gb) -> dict:
+    eager = _bench(fns[0])
+    graph = _bench_graph(fns)
+    return dict(ms=eager, gbps=gb / eager * 1e3, graph_ms=graph, graph_gbps=gb / graph * 1e3,
+                cpu_us=_cpu_us(fns[0]))
 
 
 def time_copy(nbytes=2**30) -> dict:
     x = torch.empty(nbytes // 2, device="cuda", dtype=torch.float16).normal_()
     y = torch.empty_like(x)
-    ms = _bench(lambda: y.copy_(x))
-    return dict(bytes=2 * nbytes, ms=ms, gbps=2 * nbytes / ms / 1e6)
+    r = _measure([lambda: y.copy_(x)], 2 * nbytes / 1e9)
+    return dict(bytes=2 * nbytes, **r)
 
 
 _BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
-def time_shape(shape: DecodeShape, configs: list[tuple[KernelConfig, int | None]] | None = None,
+def time_shape(shape: DecodeShape, variants: list[tuple[str, KernelConfig, int | None]] | None = None,
                baselines: bool = True) -> dict:
-    """Time the kernel (each (config, num_splits) given; default: the launcher's choice) and
-    the baselines on one shape; check each kernel output against contiguous SDPA."""
+    """Time kernel variants (label, config, num_splits; None: the launcher's choice) and the
+    baselines on one shape, eager and in a CUDA graph, over input sets rotated so that L2
+    never holds what a call reads; check each kernel output against contiguous SDPA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    inp = make_inputs(shape)
-    q = inp["q"]
+    n_sets = min(8, max(2, math.ceil(2**29 / shape.kv_bytes)))
+    sets = [make_inputs(shape, seed=i) for i in range(n_sets)]
     gb = shape.kv_bytes / 1e9
-    res: dict = dict(shape=asdict(shape), kv_bytes=shape.kv_bytes, kernel=[], baselines={})
-    k, v = gather_kv(inp["k_cache"], inp["v_cache"], inp["block_tables"], shape.context)   # (B, Hkv, N, D)
-    ref = sdpa_decode(q, k, v)
+    res: dict = dict(shape=asdict(shape), kv_bytes=shape.kv_bytes, input_sets=n_sets, kernel=[], baselines={})
+    contiguous = [tuple(t.contiguous() for t in gather_kv(x["k_cache"], x["v_cache"], x["block_tables"],
+                                                         shape.context)) for x in sets]   # (B, Hkv, N, D)
+    ref = sdpa_decode(sets[0]["q"], *contiguous[0])
     if baselines:
         best = None
         for name in _BACKENDS:
-            backend = getattr(SDPBackend, name)
             try:
-                with sdpa_kernel(backend):
-                    sdpa_decode(q, k, v)
-                    torch.cuda.synchronize()
-                    ms = _bench(lambda: sdpa_decode(q, k, v))
-            except Exception as e:  # back-end refuses this problem (RuntimeError, or a warning-as-error)
+                with sdpa_kernel(getattr(SDPBackend, name)):
+                    fns = [lambda x=x, kv=kv: sdpa_decode(x["q"], *kv) for x, kv in zip(sets, contiguous)]
+                    r = _measure(fns, gb)
+            except Exception as e:  # back-end refuses this problem
                 res["baselines"][f"sdpa_contiguous[{name}]"] = dict(error=str(e).splitlines()[0][:200])
                 continue
-            res["baselines"][f"sdpa_contiguous[{name}]"] = dict(ms=ms, gbps=gb / ms * 1e3)
-            if best is None or ms < best[1]:
-                best = (name, ms)
-        res["baselines"]["sdpa_contiguous"] = dict(ms=best[1], gbps=gb / best[1] * 1e3, backend=best[0])
-        del k, v
+            res["baselines"][f"sdpa_contiguous[{name}]"] = r
+            if best is None or r["graph_ms"] < best[1]["graph_ms"]:
+                best = (name, r)
+        res["baselines"]["sdpa_contiguous"] = dict(best[1], backend=best[0])
+        del contiguous
         torch.cuda.empty_cache()
         with sdpa_kernel(getattr(SDPBackend, best[0])):
-            args = (q, inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"], shape.context)
-            ms = _bench(lambda: gather_sdpa(*args))
-        res["baselines"]["gather_sdpa"] = dict(ms=ms, gbps=gb / ms * 1e3, backend=best[0])
+            fns = [lambda x=x: gather_sdpa(x["q"], x["k_cache"], x["v_cache"], x["block_tables"],
+                                           x["seq_lens"], shape.context) for x in sets]
+            res["baselines"]["gather_sdpa"] = dict(_measure(fns, gb), backend=best[0])
     else:
-        del k, v
-    for config, splits in configs or [(pa.DEFAULT_CONFIG, None)]:
-        out = torch.full_like(q, float("nan"))
-        call_args = (q, inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"])
-        row = dict(config=asdict(config), num_splits=splits)
+        del contiguous
+    torch.cuda.empty_cache()
+    for label, config, splits in variants or [("default", pa.DEFAULT_CONFIG, None)]:
+        x = sets[0]
+        call_args = (x["q"], x["k_cache"], x["v_cache"], x["block_tables"], x["seq_lens"])
+        row = dict(label=label, config=asdict(config), num_splits=splits)
+        out = torch.full_like(x["q"], float("nan"))
         try:
             pa.paged_attention(*call_args, out=out, num_splits=splits, config=config)
             torch.cuda.synchronize()
@@ -239,23 +294,31 @@ def time_shape(shape: DecodeShape, configs: list[tuple[KernelConfig, int | None]
             res["kernel"].append(row)
             continue
         row["rel_err_vs_sdpa"] = _rel_err(out, ref)
+        row["all_written"] = bool(torch.isfinite(out).all())
+        again = [pa.paged_attention(*call_args, num_splits=splits, config=config) for _ in range(5)]
+        row["deterministic"] = all(torch.equal(a, out) for a in again)   # a moving result is a race
         row["num_splits_used"] = splits if splits is not None else pa.choose_num_splits(
-            shape.batch, shape.num_kv_heads, inp["block_tables"].shape[1] * shape.block_size, config)
-        ms = _bench(lambda: pa.paged_attention(*call_args, out=out, num_splits=splits, config=config),
-                    warmup=10 if len(configs or ()) > 1 else 25, rep=40 if len(configs or ()) > 1 else 100)
-        row.update(ms=ms, gbps=gb / ms * 1e3)
+            shape.batch, shape.num_kv_heads, x["block_tables"].shape[1] * shape.block_size,
+            pa.num_sms(x["q"].device), config)
+        fns = [lambda x=x: pa.paged_attention(x["q"], x["k_cache"], x["v_cache"], x["block_tables"],
+                                              x["seq_lens"], num_splits=splits, config=config) for x in sets]
+        row.update(_measure(fns, gb))
         res["kernel"].append(row)
-    del inp
+    del sets
     torch.cuda.empty_cache()
     return res
 
 
-def explore_configs(shape: DecodeShape) -> list[tuple[KernelConfig, int | None]]:
-    """The sweep: tile length, warps, pipeline stages, and every sensible split count."""
+def explore_variants(shape: DecodeShape) -> list[tuple[str, KernelConfig, int | None]]:
+    """v2 sweep: the launcher's choice, then split counts with and without the fused merge."""
+    d = pa.DEFAULT_CONFIG
+    fused = replace(d, fused_reduce=True)
+    out = [("default", d, None), ("fused", fused, None), ("stages4", replace(d, num_stages=4), None)]
     programs = shape.batch * shape.num_kv_heads
-    splits = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if programs * s <= 4096 and shape.context // s >= 128]
-    return [(KernelConfig(block_n=bn, num_warps=w, num_stages=st), s)
-            for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4) for s in splits]
+    for s in (1, 2, 4, 8, 16, 32, 64, 128):
+        if programs * s <= 2048 and shape.context // s >= 128 and programs < 512:
+            out += [(f"splits{s}", d, s)] + ([(f"splits{s}-fused", fused, s)] if s > 1 else [])
+    return out
 
 
 def time_store_kv(num_tokens=256, shape=DecodeShape(64, 4096)) -> dict:
@@ -268,6 +331,34 @@ def time_store_kv(num_tokens=256, shape=DecodeShape(64, 4096)) -> dict:
     ms = _bench(lambda: store_kv(key, value, inp["k_cache"], inp["v_cache"], slots))
     nbytes = 2 * 2 * key.numel() * key.element_size()
     return dict(num_tokens=num_tokens, ms=ms, gbps=nbytes / ms / 1e6)
+
+
+def summarize(result: dict) -> None:
+    """Add kernel/baseline ratios to each shape (for the "default" kernel row) and print tables."""
+    copy = result["copy"]
+    for mode, key in (("eager (do_bench, L2 flushed)", "gbps"), ("CUDA graph (GPU time)", "graph_gbps")):
+        print(f"\n{mode}: GB/s of K/V read per call; copy {copy[key]:.0f} GB/s")
+        print(f"{'batch':>5} {'ctx':>6} {'splits':>6} {'triton':>7} {'gather':>7} {'sdpa':>7}"
+              f"  {'tr/sdpa':>7} {'tr/gath':>7} {'tr/copy':>7}")
+        for r in result["shapes"]:
+            k = next(k for k in r["kernel"] if k["label"] == "default")
+            sd, ga = r["baselines"]["sdpa_contiguous"][key], r["baselines"]["gather_sdpa"][key]
+            ratios = dict(vs_sdpa=k[key] / sd, vs_gather=k[key] / ga, vs_copy=k[key] / copy[key])
+            r.setdefault("ratios", {})[key] = ratios
+            print(f"{r['shape']['batch']:>5} {r['shape']['context']:>6} {k['num_splits_used']:>6} {k[key]:>7.0f}"
+                  f" {ga:>7.0f} {sd:>7.0f}  {ratios['vs_sdpa']:>7.2f} {ratios['vs_gather']:>7.2f}"
+                  f" {ratios['vs_copy']:>7.2f}")
+    if result.get("explore"):
+        print("\nvariants: label splits eager graph cpu_us err deterministic")
+        for r in result["shapes"]:
+            print(f"({r['shape']['batch']}, {r['shape']['context']}) sdpa {r['baselines']['sdpa_contiguous']['graph_gbps']:.0f}"
+                  f" [{r['baselines']['sdpa_contiguous']['backend']}, cpu {r['baselines']['sdpa_contiguous']['cpu_us']:.0f} us]")
+            for k in r["kernel"]:
+                if "error" in k:
+                    print(f"   {k['label']:>16} ERROR {k['error'][:80]}")
+                    continue
+                print(f"   {k['label']:>16} {k['num_splits_used']:>4} {k['gbps']:>6.0f} {k['graph_gbps']:>6.0f}"
+                      f" {k['cpu_us']:>5.0f} {k['rel_err_vs_sdpa']:.1e} {k['deterministic']}")
 
 
 def main(argv=None):
@@ -300,24 +391,11 @@ def main(argv=None):
     result["shapes"] = []
     for b, n in tqdm(SHAPES, desc="shapes"):
         shape = DecodeShape(b, n)
-        configs = explore_configs(shape) if args.explore else None
-        r = time_shape(shape, configs)
+        r = time_shape(shape, explore_variants(shape) if args.explore else None)
         result["shapes"].append(r)
         with open(args.out, "w") as f:       # keep what is done if a later shape fails
             json.dump(result, f, indent=1)
-    copy = result["copy"]["gbps"]
-    print(f"\n{'batch':>5} {'ctx':>6} {'splits':>6} {'triton':>7} {'gather':>7} {'sdpa':>7} {'copy':>6}"
-          f"  {'tr/sdpa':>7} {'tr/gath':>7} {'tr/copy':>7}  (GB/s of K/V)")
-    for r in result["shapes"]:
-        ok = [k for k in r["kernel"] if "ms" in k]
-        best = min(ok, key=lambda k: k["ms"])
-        base = r["baselines"]
-        sd, ga = base["sdpa_contiguous"]["gbps"], base["gather_sdpa"]["gbps"]
-        r["ratios"] = dict(vs_sdpa=best["gbps"] / sd, vs_gather=best["gbps"] / ga, vs_copy=best["gbps"] / copy)
-        print(f"{r['shape']['batch']:>5} {r['shape']['context']:>6} {best['num_splits_used']:>6} {best['gbps']:>7.0f}"
-              f" {ga:>7.0f} {sd:>7.0f} {copy:>6.0f}  {r['ratios']['vs_sdpa']:>7.2f} {r['ratios']['vs_gather']:>7.2f}"
-              f" {r['ratios']['vs_copy']:>7.2f}  err {best['rel_err_vs_sdpa']:.1e}"
-              + (f"  best {best['config']} splits={best['num_splits']}" if args.explore else ""))
+    summarize(result)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")

@@ -22,6 +22,7 @@ two ends of it).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ def _paged_attention_kernel(
     qk_scale,         # float: scale * log2(e), so that exp2 gives exp
     tokens_per_split, # int: tokens each split covers (a multiple of BLOCK_N)
     num_splits,       # int: splits per sequence (the grid's third dimension)
+    counter_ptr,      # int32 (num_seqs * num_kv_heads) zeros; FUSED_REDUCE: splits finished so far
     stride_qs, stride_qh,                 # q strides (head_dim stride is 1)
     stride_kb, stride_ks, stride_kh,      # k_cache strides: block, slot, head
     stride_vb, stride_vs, stride_vh,      # v_cache strides: block, slot, head
@@ -110,6 +112,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,     # tokens per loop iteration
     SPLIT: tl.constexpr,       # False: write out directly; True: write partials for the reduce kernel
+    FUSED_REDUCE: tl.constexpr,  # SPLIT only: the last split to finish merges the partials itself
     UPCAST: tl.constexpr,      # cast K/V/q to fp32 before tl.dot (the CPU interpreter needs it for bf16)
     IEEE: tl.constexpr,        # fp32 caches: exact fp32 dot instead of tf32
 ):
@@ -180,6 +183,35 @@ def _paged_attention_kernel(
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_out)
         tl.store(part_m_ptr + row, m_i, mask=mask_g)
         tl.store(part_l_ptr + row, l_i, mask=mask_g)
+        if FUSED_REDUCE:
+            # Count finished splits of this (sequence, KV head); the last one merges them all,
+            # saving the second launch. The barrier + release make every thread's partial
+            # stores visible before the count moves; acquire + .cg loads (L2, not a stale L1)
+            # let the last program read the others' partials.
+            tl.debug_barrier()
+            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                first = (seq * (GROUP * tl.num_programs(1)) + heads) * num_splits     # (G_PAD,) split 0's row
+                m_max = tl.full([G_PAD], float("-inf"), tl.float32)
+                for i in range(num_splits):
+                    m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + i, mask=mask_g, other=0.0,
+                                                      cache_modifier=".cg"))
+                m_max = tl.where(m_max > float("-inf"), m_max, 0.0)   # every split empty
+                w_sum = tl.zeros([G_PAD], tl.float32)
+                merged = tl.zeros([G_PAD, D_PAD], tl.float32)
+                for i in range(num_splits):
+                    m_s = tl.load(part_m_ptr + first + i, mask=mask_g, other=0.0, cache_modifier=".cg")
+                    l_s = tl.load(part_l_ptr + first + i, mask=mask_g, other=0.0, cache_modifier=".cg")
+                    o_s = tl.load(part_o_ptr + (first + i)[:, None] * HEAD_DIM + offs_d[None, :],
+                                  mask=mask_out, other=0.0, cache_modifier=".cg")      # (G_PAD, D_PAD)
+                    w = tl.where(l_s > 0, l_s * tl.exp2(m_s - m_max), 0.0)
+                    w_sum += w
+                    merged += w[:, None] * o_s
+                merged = merged / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+                tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                         merged.to(out_ptr.dtype.element_ty), mask=mask_out)
+                tl.atomic_xchg(counter, 0)                # leave the counter zeroed for the next call
 
 
 @triton.jit
@@ -225,30 +257,46 @@ class KernelConfig:
     block_n: int = 64          # tokens per loop iteration: a (64, 128) fp16 K tile is 16 KiB
     num_warps: int = 4         # 4 warps per program
     num_stages: int = 3        # loads kept in flight by Triton's software pipeline
-    target_programs: int = 528 # split-K until (seq, KV head, split) programs >= this (4 x 132 SMs)
+    split_below: float = 2.0   # split-K when (seq, KV head) programs < this many per SM
+    target_per_sm: float = 4.0 # ... into as many splits as make this many programs per SM
     min_split_tokens: int = 256  # never split a sequence into ranges shorter than this
+    fused_reduce: bool = False # merge the splits in the last finishing program (one launch) or a second kernel
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16 (tl.dot's minimum), got {self.block_n}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if self.num_stages < 1 or self.target_programs < 1 or self.min_split_tokens < 1:
-            raise ValueError("num_stages, target_programs and min_split_tokens must be >= 1")
+        if self.num_stages < 1 or self.min_split_tokens < 1:
+            raise ValueError("num_stages and min_split_tokens must be >= 1")
+        if not 0 < self.split_below <= self.target_per_sm:
+            raise ValueError("need 0 < split_below <= target_per_sm")
 
 
 DEFAULT_CONFIG = KernelConfig()
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int,
-                      config: KernelConfig = DEFAULT_CONFIG) -> int:
-    """Split-K heuristic: split only when (sequence, KV head) programs are too few to fill
-    the GPU, into as many ranges as bring the program count to `target_programs`, but no
-    range shorter than `min_split_tokens` (each split costs a partial write and a merge)."""
-    programs = num_seqs * num_kv_heads
-    if programs >= config.target_programs:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 for the CPU interpreter)."""
+    if device.type != "cuda":
         return 1
-    wanted = triton.cdiv(config.target_programs, max(programs, 1))
+    return _num_sms_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, sms: int,
+                      config: KernelConfig = DEFAULT_CONFIG) -> int:
+    """Split-K heuristic: split only when there are fewer than `split_below` (sequence, KV head)
+    programs per SM, then into as many ranges as bring it to `target_per_sm` programs per SM,
+    but no range shorter than `min_split_tokens` (each split costs a partial write and a merge)."""
+    programs = num_seqs * num_kv_heads
+    if programs >= config.split_below * sms:
+        return 1
+    wanted = math.ceil(config.target_per_sm * sms / max(programs, 1))
     return max(1, min(wanted, max_tokens // config.min_split_tokens))
 
 
@@ -298,6 +346,18 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, scale):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device int32 zeros for the fused split-K merge; each call's last program re-zeroes its
+    counter, so the buffer is reused (calls on one device must not run concurrently on two streams)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def _next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(n))
 
@@ -332,33 +392,38 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     max_tokens = block_tables.shape[1] * block_size      # an upper bound on every seq_len
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, config)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, num_sms(q.device), config)
     block_n = config.block_n
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_tokens, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_tokens, tokens_per_split))    # drop ranges that cover nothing
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     d_pad = _next_pow2(head_dim, 16)
-    if num_splits > 1:
-        part_o = torch.empty(num_seqs, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
-        part_m = torch.empty(num_seqs, num_heads, num_splits, device=q.device, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
+    split = num_splits > 1
+    fused = split and config.fused_reduce
+    if split:   # one fp32 workspace: partial outputs, then m, then l
+        rows = num_seqs * num_heads * num_splits
+        work = torch.empty(rows * (head_dim + 2), device=q.device, dtype=torch.float32)
+        part_o = work[: rows * head_dim]                 # (S, Hq, splits, D) flattened
+        part_m = work[rows * head_dim: rows * (head_dim + 1)]
+        part_l = work[rows * (head_dim + 1):]
     else:
         part_o = part_m = part_l = out                   # unused
+    counter = _counters(q.device, num_seqs * num_kv_heads) if fused else seq_lens   # unused unless fused
     _paged_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_m, part_l,
-        scale * LOG2E, tokens_per_split, num_splits,
+        scale * LOG2E, tokens_per_split, num_splits, counter,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, G_PAD=_next_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=num_splits > 1,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split, FUSED_REDUCE=fused,
         UPCAST=interpret, IEEE=q.dtype == torch.float32 and not interpret,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if num_splits > 1:
+    if split and not fused:
         _split_k_reduce_kernel[(num_seqs, num_heads)](
             part_o, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
             S_PAD=_next_pow2(num_splits),
