@@ -1,0 +1,78 @@
+"""Speed of the allocation simulator: `python -m kvlab.bench.fragmentation`.
+
+Times 100,000 ShareGPT-like requests through `paged` and `max-reserve` in the paper's
+setting (OPT-13B, 12 GiB of KV, max length 2048, block size 16), arriving all at once
+(the heaviest case: the queue never empties and `paged` preempts often) and as a
+Poisson stream, and one update of notebook 04's explorer (four policies on 5,000
+requests, plus drawing the figure). The baseline is the step-by-step reference engine,
+measured in the same run on a small trace and compared per request.
+Goals (issue 4): <= 2 s per 100k-request run, <= 0.3 s per explorer update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kvlab import workloads  # noqa: E402
+from kvlab.fragmentation import simulate_allocation, simulate_allocation_reference  # noqa: E402
+from kvlab.ui.fragmentation import FragmentationExplorer, opt13b_capacity_tokens  # noqa: E402
+
+
+def best_of(fn, repeat: int) -> float:
+    """Shortest of `repeat` wall times (the machine is shared: the minimum is the least disturbed)."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=100_000, help="requests per run")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (the minimum is printed)")
+    args = ap.parse_args(argv)
+    capacity = opt13b_capacity_tokens(12.0)
+    print(f"setting: OPT-13B, 12 GiB of KV = {capacity:,} slots, max length 2048, block size 16")
+
+    for rate, label in ((None, "all at once"), (0.1, "Poisson 0.1/step")):
+        wl = workloads.sharegpt_like(args.n, seed=0, rate=rate)
+        for policy in ("paged", "max-reserve"):
+            res = simulate_allocation(wl, policy, capacity, 2048, 16)
+            t = best_of(lambda: simulate_allocation(wl, policy, capacity, 2048, 16), args.repeat)
+            print(f"{args.n:,} requests, {label:>16}, {policy:>11}: {t:6.3f} s  "
+                  f"({t / args.n * 1e6:5.1f} us/request; {res.num_steps:,} steps, "
+                  f"{res.num_preemptions:,} preemptions)  goal <= 2 s: {'ok' if t <= 2 else 'MISSED'}")
+
+    # baseline: the step-by-step reference, on a trace small enough for it
+    small = workloads.sharegpt_like(100, seed=0, rate=None)
+    for policy in ("paged", "max-reserve"):
+        t_ref = best_of(lambda: simulate_allocation_reference(small, policy, capacity, 2048, 16,
+                                                                    keep_map=False), 1)
+        t_fast = best_of(lambda: simulate_allocation(small, policy, capacity, 2048, 16), args.repeat)
+        print(f"100 requests, {policy:>11}: reference {t_ref:.3f} s, event-driven {t_fast * 1e3:.2f} ms: "
+              f"{t_ref / t_fast:,.0f}x faster")
+
+    ex = FragmentationExplorer(n=5000, seed=0)
+
+    def update():
+        ex.compute()
+        fig = ex.figure()
+        fig.canvas.draw()
+        plt.close(fig)
+
+    t_sim = best_of(ex.compute, args.repeat)
+    t_all = best_of(update, args.repeat)
+    print(f"explorer update, 5,000 requests x 4 policies: simulate {t_sim:.3f} s, with drawing {t_all:.3f} s  "
+          f"goal <= 0.3 s: {'ok' if t_all <= 0.3 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

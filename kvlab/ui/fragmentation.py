@@ -1,0 +1,215 @@
+"""Figures and the interactive explorer of notebook 04 (KV memory fragmentation).
+
+Every number comes from `kvlab.fragmentation` and `kvlab.workloads`; this module
+only runs those and draws.
+
+    from kvlab.ui.fragmentation import FragmentationExplorer, plot_breakdown, plot_memory_maps
+    FragmentationExplorer()          # display it in a notebook; .update() recomputes
+"""
+
+from __future__ import annotations
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
+from IPython.display import display
+
+from kvlab import workloads
+from kvlab.fragmentation import CATEGORIES, POLICIES, USED_OR_LOST, AllocationResult, simulate_allocation
+from kvlab.memory import GiB, kv_bytes_per_token
+from kvlab.model.spec import ModelSpec
+
+COLORS = {"free": "#f2f2f2", "token_states": "#4c72b0", "reservation": "#8fbce6",
+          "internal_fragmentation": "#dd8452", "external_fragmentation": "#c44e52"}
+LABELS = {"free": "free", "token_states": "token states", "reservation": "reservation",
+          "internal_fragmentation": "internal fragmentation", "external_fragmentation": "external fragmentation"}
+PAPER_NAMES = {"max-reserve": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)", "paged": "vLLM"}
+# vLLM paper (Kwon et al., SOSP 2023), Figure 2 and §1: share of KV memory holding token states
+# in the §6.2 experiment (OPT-13B, A100-40GB, ShareGPT). The text gives the Orca range 20.4%-38.2%.
+PAPER_TOKEN_STATES = {"max-reserve": 0.204, "oracle": 0.382, "paged": 0.963}
+WORKLOADS = {"sharegpt-like": workloads.sharegpt_like, "alpaca-like": workloads.alpaca_like,
+             "uniform": workloads.uniform}
+
+
+def opt13b_capacity_tokens(kv_gib: float = 12.0) -> int:
+    """KV slots in `kv_gib` GiB for OPT-13B in fp16 (the paper's setting: ~12 GB of KV on an A100-40GB)."""
+    return int(kv_gib * GiB // kv_bytes_per_token(ModelSpec.preset("opt-13b")))
+
+
+def run_policies(workload, capacity_tokens: int, max_seq_len: int = 2048, block_size: int = 16,
+                 policies=POLICIES) -> dict[str, AllocationResult]:
+    """policy -> result, the same workload through each."""
+    return {p: simulate_allocation(workload, p, capacity_tokens, max_seq_len, block_size) for p in policies}
+
+
+def plot_memory_map(result: AllocationResult, ax=None, title: str | None = None):
+    """Slots (rows) x steps (columns), each cell coloured by its category."""
+    if result.memory_map is None:
+        raise ValueError("this result has no memory map: run simulate_allocation(..., record_map=True)")
+    ax = ax or plt.gca()
+    cmap = ListedColormap([COLORS[c] for c in CATEGORIES])
+    ax.imshow(result.memory_map, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5,
+              vmax=len(CATEGORIES) - 0.5, origin="lower")
+    f = result.fractions()
+    ax.set_title(title or f"{result.config.policy}: {f['token_states']:.0%} token states, "
+                          f"batch {result.mean_batch_size:.1f}", fontsize=9)
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("KV slot (address)")
+    return ax
+
+
+def legend_handles():
+    return [Patch(color=COLORS[c], label=LABELS[c]) for c in CATEGORIES]
+
+
+def plot_memory_maps(results: dict[str, AllocationResult], ncols: int = 2):
+    """One memory map per policy, on a shared time axis."""
+    nrows = -(-len(results) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(11, 2.6 * nrows), sharex=True, squeeze=False)
+    for ax, (name, res) in zip(axes.flat, results.items()):
+        plot_memory_map(res, ax)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    fig.legend(handles=legend_handles(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def plot_breakdown(results: dict[str, AllocationResult], ax=None, paper: bool = True, title: str | None = None):
+    """Figure-2-style stacked bars: shares of the KV memory in use or lost, per policy."""
+    ax = ax or plt.gca()
+    names = list(results)
+    bottom = np.zeros(len(names))
+    for c in USED_OR_LOST:
+        share = np.array([results[p].fractions()[c] for p in names]) * 100
+        ax.bar(range(len(names)), share, bottom=bottom, color=COLORS[c], label=LABELS[c], width=0.65)
+        for x, (b, v) in enumerate(zip(bottom, share)):
+            if v >= 6:
+                ax.text(x, b + v / 2, f"{v:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if c in ("token_states", "external_fragmentation") else "black")
+        bottom += share
+    if paper:
+        for x, p in enumerate(names):
+            if p in PAPER_TOKEN_STATES:
+                y = PAPER_TOKEN_STATES[p] * 100
+                ax.plot([x - 0.36, x + 0.36], [y, y], color="black", ls="--", lw=1.2)
+        ax.plot([], [], color="black", ls="--", lw=1.2, label="paper: token states")
+    ax.set_xticks(range(len(names)), [f"{p}\n({PAPER_NAMES.get(p, p)})" for p in names], fontsize=8)
+    ax.set_ylabel("% of KV memory in use or lost")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(title or "where the KV memory goes", fontsize=10)
+    return ax
+
+
+def plot_batch_sizes(results: dict[str, AllocationResult], ax=None):
+    """Mean (bar) and peak (tick) running requests per policy."""
+    ax = ax or plt.gca()
+    names = list(results)
+    mean = [results[p].mean_batch_size for p in names]
+    ax.bar(range(len(names)), mean, color=COLORS["token_states"], width=0.65)
+    ax.scatter(range(len(names)), [results[p].peak_batch_size for p in names], marker="_", s=300,
+               color="black", label="peak")
+    for x, v in enumerate(mean):
+        ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("running requests (batch size)")
+    ax.legend(fontsize=7)
+    ax.set_title("batch size the memory allows", fontsize=10)
+    return ax
+
+
+def block_size_sweep(workload, capacity_tokens: int, max_seq_len: int = 2048,
+                     block_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict[str, np.ndarray]:
+    """Paged only, per block size: unfilled share of held slots, block-table entries per request, batch size."""
+    slack, entries, batch = [], [], []
+    for b in block_sizes:
+        r = simulate_allocation(workload, "paged", capacity_tokens, max_seq_len, b)
+        s = r.slot_steps
+        held = s["token_states"] + s["reservation"] + s["internal_fragmentation"]
+        slack.append((held - s["token_states"]) / held if held else 0.0)  # the unfilled tail of last blocks
+        entries.append(held / b / r.running_steps if r.running_steps else 0.0)  # blocks = table entries
+        batch.append(r.mean_batch_size)
+    return {"block_size": np.array(block_sizes), "unfilled_share": np.array(slack),
+            "table_entries": np.array(entries), "mean_batch_size": np.array(batch)}
+
+
+def plot_block_size_sweep(sweep: dict, ax=None):
+    """Left axis: unfilled share of paged memory; right axis: block-table entries per running request."""
+    ax = ax or plt.gca()
+    bs = sweep["block_size"]
+    ax.plot(bs, sweep["unfilled_share"] * 100, "o-", color=COLORS["internal_fragmentation"],
+            label="unfilled slots in last blocks (%)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size (tokens)")
+    ax.set_ylabel("% of held slots not holding tokens", color=COLORS["internal_fragmentation"])
+    ax2 = ax.twinx()
+    ax2.plot(bs, sweep["table_entries"], "s-", color=COLORS["token_states"], label="block-table entries")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("block-table entries per running request", color=COLORS["token_states"])
+    ax.set_title("block size: waste in the last block vs the size of the block table", fontsize=10)
+    return ax, ax2
+
+
+class FragmentationExplorer(W.VBox):
+    """Sliders for block size, KV capacity, arrival rate, max length and workload; bars and batch sizes redraw."""
+
+    RATES = [("all at once", None), ("0.02 / step", 0.02), ("0.05 / step", 0.05), ("0.1 / step", 0.1),
+             ("0.2 / step", 0.2)]
+
+    def __init__(self, n: int = 5000, seed: int = 0, kv_gib: float = 12.0, block_size: int = 16,
+                 max_seq_len: int = 2048, rate: float | None = 0.1, workload: str = "sharegpt-like"):
+        self.n, self.seed = n, seed
+        style = {"description_width": "130px"}
+        layout = W.Layout(width="420px")
+        self.block_size = W.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=block_size,
+                                            description="block size", style=style, layout=layout)
+        self.kv_gib = W.FloatSlider(value=kv_gib, min=2, max=40, step=1, description="KV GiB (OPT-13B)",
+                                    style=style, layout=layout)
+        self.rate = W.Dropdown(options=self.RATES, value=rate, description="arrival rate", style=style,
+                               layout=layout)
+        self.max_seq_len = W.SelectionSlider(options=[512, 1024, 2048, 4096], value=max_seq_len,
+                                             description="max length", style=style, layout=layout)
+        self.workload = W.Dropdown(options=list(WORKLOADS), value=workload, description="workload",
+                                   style=style, layout=layout)
+        self.readout = W.HTML()
+        self.out = W.Output()
+        controls = [self.workload, self.rate, self.kv_gib, self.max_seq_len, self.block_size]
+        for c in controls:
+            c.observe(lambda _: self.update(), names="value")
+        super().__init__([W.HBox([W.VBox(controls), self.readout]), self.out])
+        self.results: dict[str, AllocationResult] = {}
+        self.update()
+
+    def compute(self) -> dict[str, AllocationResult]:
+        """Draw the workload and run the four policies with the current settings."""
+        make = WORKLOADS[self.workload.value]
+        wl = make(self.n, self.seed, rate=self.rate.value, max_len=self.max_seq_len.value)
+        capacity = opt13b_capacity_tokens(self.kv_gib.value)
+        self.results = run_policies(wl, capacity, self.max_seq_len.value, self.block_size.value)
+        return self.results
+
+    def update(self):
+        res = self.compute()
+        capacity = opt13b_capacity_tokens(self.kv_gib.value)
+        rows = "".join(f"<tr><td>{p}</td><td>{r.token_states:.1%}</td><td>{r.mean_batch_size:.1f}</td>"
+                       f"<td>{r.num_rejected}</td></tr>" for p, r in res.items())
+        self.readout.value = (f"<b>{capacity:,}</b> KV slots; {self.n:,} requests<br>"
+                              "<table><tr><th>policy</th><th>tokens</th><th>batch</th><th>rejected</th></tr>"
+                              f"{rows}</table>")
+        fig = self.figure()
+        with self.out:
+            self.out.clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+
+    def figure(self):
+        """The bars and batch sizes of the last compute()."""
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), dpi=72, gridspec_kw={"width_ratios": [1.4, 1]})
+        plot_breakdown(self.results, a, paper=False,
+                       title=f"{self.workload.value}, block {self.block_size.value}, max {self.max_seq_len.value}")
+        plot_batch_sizes(self.results, b)
+        fig.subplots_adjust(left=0.06, right=0.99, bottom=0.17, top=0.92, wspace=0.55)  # fixed: tight_layout costs a draw
+        return fig
