@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 
 import ipywidgets as W
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import display
@@ -66,19 +67,30 @@ def plot_plan(plan: memory.MemoryPlan, spec: ModelSpec, num_requests: int, plan_
 
     top = spec.max_position_embeddings or CONTEXT_MAX
     contexts = np.unique(np.geomspace(256, top, 40).astype(int))
-    curve = concurrency_curve(spec, contexts, **plan_kwargs)
+    curve = np.array(concurrency_curve(spec, contexts, **plan_kwargs), dtype=float)
+    curve[curve == 0] = np.nan   # nothing fits: leave a gap on the log axis
     ax_curve.plot(contexts, curve, color=COLORS["kv"])
-    ax_curve.scatter([plan.context_len], [plan.max_concurrent_requests], color="k", zorder=3,
-                     label=f"{plan.context_len:,} tokens: {plan.max_concurrent_requests:,} requests")
+    if plan.max_concurrent_requests > 0:
+        ax_curve.scatter([plan.context_len], [plan.max_concurrent_requests], color="k", zorder=3,
+                         label=f"{plan.context_len:,} tokens: {plan.max_concurrent_requests:,} requests")
     if spec.sliding_window:
         ax_curve.axvline(spec.sliding_window, color="grey", ls=":", label=f"sliding window {spec.sliding_window:,}")
     ax_curve.set_xscale("log", base=2)
-    ax_curve.set_yscale("symlog", linthresh=1)
+    ax_curve.set_xlim(contexts[0] / 1.2, contexts[-1] * 1.2)
+    if np.isnan(curve).all():
+        ax_curve.text(0.5, 0.5, "does not fit at any context length", transform=ax_curve.transAxes,
+                      ha="center", color="#b00020")
+        ax_curve.set_yticks([])
+    else:
+        ax_curve.set_yscale("log")
+        ax_curve.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax_curve.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_curve.set_xlabel("context length per request (tokens)")
     ax_curve.set_ylabel("max concurrent requests")
     ax_curve.set_title(f"{spec.name}: concurrency falls as 1 / context", fontsize=10)
     ax_curve.grid(alpha=0.3, which="both")
-    ax_curve.legend(fontsize=8)
+    if ax_curve.get_legend_handles_labels()[0]:
+        ax_curve.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
