@@ -68,8 +68,10 @@ def plot_memory_maps(results: dict[str, AllocationResult], ncols: int = 2):
     """One memory map per policy, on a shared time axis."""
     nrows = -(-len(results) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(11, 2.6 * nrows), sharex=True, squeeze=False)
+    steps = max(res.num_steps for res in results.values())
     for ax, (name, res) in zip(axes.flat, results.items()):
         plot_memory_map(res, ax)
+        ax.set_xlim(-0.5, steps - 0.5)
     for ax in axes.flat[len(results):]:
         ax.axis("off")
     fig.legend(handles=legend_handles(), loc="lower center", ncol=5, fontsize=8, frameon=False)
