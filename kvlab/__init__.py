@@ -27,10 +27,8 @@ _EXPORTS = {
     "simulate_allocation": "kvlab.fragmentation",
     "BlockAllocator": "kvlab.paged",
     "PagedKVCache": "kvlab.paged",
-    "SamplingParams": "kvlab.engine",
-    "LLM": "kvlab.engine",
 }
-_SUBMODULES = ("model", "cache", "memory", "workloads", "fragmentation", "paged", "kernels", "engine", "bench", "ui")
+_SUBMODULES = ("model", "cache", "memory", "workloads", "fragmentation", "paged", "kernels", "bench", "ui", "cli")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

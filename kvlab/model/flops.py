@@ -60,9 +60,12 @@ def step_bytes(spec: ModelSpec, new_tokens: int, context: int = 0, batch_size: i
                dtype_bytes: int = 2) -> int:
     """The fewest bytes one forward step must move: all weights once, plus the K/V it
     reads (context) and writes (new tokens) for every sequence. Activations are left out."""
+    from kvlab.memory import kv_bytes_per_token
+
     if spec.num_params is None:
         raise ValueError(f"{spec.name}: num_params is unknown, so weight bytes cannot be counted")
-    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    kv_dtype = {4: "float32", 2: "float16", 1: "int8"}[dtype_bytes]
+    kv_per_token = kv_bytes_per_token(spec, kv_dtype=kv_dtype)
     return spec.num_params * dtype_bytes + batch_size * (context + new_tokens) * kv_per_token
 
 
