@@ -221,3 +221,25 @@ def test_reference_refuses_huge_maps():
     wl = W.from_lengths([1], [100])
     with pytest.raises(ValueError, match="small traces"):
         simulate_allocation(wl, "paged", 10_000_000, 2048, 16, record_map=True)
+
+
+# ---- the explorer of notebook 04 ------------------------------------------------------------------
+
+def test_explorer_recomputes_when_a_control_changes():
+    import matplotlib
+    matplotlib.use("Agg")
+    from kvlab.ui.fragmentation import FragmentationExplorer, opt13b_capacity_tokens
+
+    ex = FragmentationExplorer(n=300, seed=0)
+    assert ex.image.value[:8] == b"\x89PNG\r\n\x1a\n" and "max-reserve" in ex.readout.value
+    before = ex.image.value
+    ex.block_size.value = 256
+    assert ex.results["paged"].config.block_size == 256 and ex.image.value != before
+    ex.kv_gib.value = 20
+    assert ex.results["oracle"].config.capacity_tokens == opt13b_capacity_tokens(20) == 26_214
+    ex.rate.value = None                     # all 300 at once: the queue is full
+    assert ex.results["paged"].arrival_time.max() == 0
+    ex.max_seq_len.value = 512
+    assert ex.results["max-reserve"].peak_batch_size == 26_214 // 512
+    ex.workload.value = "alpaca-like"
+    assert ex.results["paged"].num_completed == 300 and f"{ex.results['paged'].token_states:.1%}" in ex.readout.value

@@ -9,12 +9,14 @@ only runs those and draws.
 
 from __future__ import annotations
 
+import io
+
 import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from IPython.display import display
 
 from kvlab import workloads
 from kvlab.fragmentation import CATEGORIES, POLICIES, USED_OR_LOST, AllocationResult, simulate_allocation
@@ -79,8 +81,9 @@ def plot_memory_maps(results: dict[str, AllocationResult], ncols: int = 2):
     return fig
 
 
-def plot_breakdown(results: dict[str, AllocationResult], ax=None, paper: bool = True, title: str | None = None):
-    """Figure-2-style stacked bars: shares of the KV memory in use or lost, per policy."""
+def plot_breakdown(results: dict[str, AllocationResult], ax=None, paper: bool = True, title: str | None = None,
+                   labels: bool = True):
+    """Figure-2-style stacked bars: shares of the KV memory in use or lost, per policy (labels: % on the bars)."""
     ax = ax or plt.gca()
     names = list(results)
     bottom = np.zeros(len(names))
@@ -88,7 +91,7 @@ def plot_breakdown(results: dict[str, AllocationResult], ax=None, paper: bool = 
         share = np.array([results[p].fractions()[c] for p in names]) * 100
         ax.bar(range(len(names)), share, bottom=bottom, color=COLORS[c], label=LABELS[c], width=0.65)
         for x, (b, v) in enumerate(zip(bottom, share)):
-            if v >= 6:
+            if labels and v >= 6:
                 ax.text(x, b + v / 2, f"{v:.1f}", ha="center", va="center", fontsize=8,
                         color="white" if c in ("token_states", "external_fragmentation") else "black")
         bottom += share
@@ -106,7 +109,7 @@ def plot_breakdown(results: dict[str, AllocationResult], ax=None, paper: bool = 
     return ax
 
 
-def plot_batch_sizes(results: dict[str, AllocationResult], ax=None):
+def plot_batch_sizes(results: dict[str, AllocationResult], ax=None, labels: bool = True):
     """Mean (bar) and peak (tick) running requests per policy."""
     ax = ax or plt.gca()
     names = list(results)
@@ -114,7 +117,7 @@ def plot_batch_sizes(results: dict[str, AllocationResult], ax=None):
     ax.bar(range(len(names)), mean, color=COLORS["token_states"], width=0.65)
     ax.scatter(range(len(names)), [results[p].peak_batch_size for p in names], marker="_", s=300,
                color="black", label="peak")
-    for x, v in enumerate(mean):
+    for x, v in enumerate(mean if labels else []):
         ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel("running requests (batch size)")
@@ -177,11 +180,11 @@ class FragmentationExplorer(W.VBox):
         self.workload = W.Dropdown(options=list(WORKLOADS), value=workload, description="workload",
                                    style=style, layout=layout)
         self.readout = W.HTML()
-        self.out = W.Output()
+        self.image = W.Image(format="png")  # the figure, rendered once per update (no pyplot state)
         controls = [self.workload, self.rate, self.kv_gib, self.max_seq_len, self.block_size]
         for c in controls:
             c.observe(lambda _: self.update(), names="value")
-        super().__init__([W.HBox([W.VBox(controls), self.readout]), self.out])
+        super().__init__([W.HBox([W.VBox(controls), self.readout]), self.image])
         self.results: dict[str, AllocationResult] = {}
         self.update()
 
@@ -196,22 +199,21 @@ class FragmentationExplorer(W.VBox):
     def update(self):
         res = self.compute()
         capacity = opt13b_capacity_tokens(self.kv_gib.value)
-        rows = "".join(f"<tr><td>{p}</td><td>{r.token_states:.1%}</td><td>{r.mean_batch_size:.1f}</td>"
-                       f"<td>{r.num_rejected}</td></tr>" for p, r in res.items())
+        rows = "".join(f"<tr><td>{p}</td>" + "".join(f"<td>{v:.1%}</td>" for v in r.fractions().values())
+                       + f"<td>{r.mean_batch_size:.1f}</td><td>{r.num_rejected}</td></tr>" for p, r in res.items())
         self.readout.value = (f"<b>{capacity:,}</b> KV slots; {self.n:,} requests<br>"
-                              "<table><tr><th>policy</th><th>tokens</th><th>batch</th><th>rejected</th></tr>"
-                              f"{rows}</table>")
-        fig = self.figure()
-        with self.out:
-            self.out.clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+                              "<table><tr><th>policy</th><th>tokens</th><th>reserved</th><th>internal</th>"
+                              f"<th>external</th><th>batch</th><th>rejected</th></tr>{rows}</table>")
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png")
+        self.image.value = buf.getvalue()
 
-    def figure(self):
+    def figure(self) -> Figure:
         """The bars and batch sizes of the last compute()."""
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), dpi=72, gridspec_kw={"width_ratios": [1.4, 1]})
-        plot_breakdown(self.results, a, paper=False,
+        fig = Figure(figsize=(11, 3.4), dpi=72)
+        a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+        plot_breakdown(self.results, a, paper=False, labels=False,  # numbers are in the table: text is slow to draw
                        title=f"{self.workload.value}, block {self.block_size.value}, max {self.max_seq_len.value}")
-        plot_batch_sizes(self.results, b)
+        plot_batch_sizes(self.results, b, labels=False)
         fig.subplots_adjust(left=0.06, right=0.99, bottom=0.17, top=0.92, wspace=0.55)  # fixed: tight_layout costs a draw
         return fig
