@@ -126,8 +126,7 @@ TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}   # relative 
 
 def correctness_cases() -> list[tuple]:
     """(dtype, group, head_dim, block_size, seq_lens, num_splits) cases for the GPU check: every
-    compiled variant costs a second or two, so fewer than the CPU tests (which cover the grid).
-    A negative num_splits means that many splits merged in-kernel (fused_reduce)."""
+    compiled variant costs a second or two, so fewer than the CPU tests (which cover the grid)."""
     cases = []
     for group, head_dim, bs in ((1, 64, 16), (1, 128, 16), (4, 64, 16), (4, 128, 16), (8, 64, 16),
                                 (8, 128, 16), (3, 64, 32)):
@@ -136,8 +135,6 @@ def correctness_cases() -> list[tuple]:
     for dtype in ("bfloat16", "float32"):
         for splits in (None, 5):
             cases.append((dtype, 4, 128, 16, [1, 15, 16, 17, 3000], splits))
-    for group, head_dim, bs in ((4, 128, 16), (3, 64, 32), (8, 64, 16)):   # the fused split-K merge
-        cases.append(("float16", group, head_dim, bs, [1, bs - 1, bs, bs + 1, 3000], -5))
     return cases
 
 
@@ -157,9 +154,7 @@ def check_correctness(device="cuda", seed=0, cases=None) -> list[dict]:
         seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
         q = torch.randn(len(lens), hkv * group, head_dim, device=device, dtype=dt)
         out = torch.full_like(q, float("nan"))
-        config = replace(pa.DEFAULT_CONFIG, fused_reduce=splits is not None and splits < 0)
-        pa.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, out=out,
-                           num_splits=abs(splits) if splits else None, config=config)
+        pa.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, out=out, num_splits=splits)
         ref = paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens)
         err = _rel_err(out, ref)
         ok = bool(torch.isfinite(out).all()) and err <= TOLERANCE[dtype]
@@ -310,15 +305,48 @@ def time_shape(shape: DecodeShape, variants: list[tuple[str, KernelConfig, int |
 
 
 def explore_variants(shape: DecodeShape) -> list[tuple[str, KernelConfig, int | None]]:
-    """v2 sweep: the launcher's choice, then split counts with and without the fused merge."""
+    """Sweep: the launcher's choice, 4 pipeline stages, then every sensible split count."""
     d = pa.DEFAULT_CONFIG
-    fused = replace(d, fused_reduce=True)
-    out = [("default", d, None), ("fused", fused, None), ("stages4", replace(d, num_stages=4), None)]
+    out = [("default", d, None), ("stages4", replace(d, num_stages=4), None)]
     programs = shape.batch * shape.num_kv_heads
     for s in (1, 2, 4, 8, 16, 32, 64, 128):
         if programs * s <= 2048 and shape.context // s >= 128 and programs < 512:
-            out += [(f"splits{s}", d, s)] + ([(f"splits{s}-fused", fused, s)] if s > 1 else [])
+            out.append((f"splits{s}", d, s))
     return out
+
+
+def host_overhead(shape=DecodeShape(8, 2048), n=300) -> dict:
+    """Where the host time of one eager call goes (µs per call), and a cProfile of full calls."""
+    import cProfile
+    import io
+    import pstats
+
+    x = make_inputs(shape)
+    args = (x["q"], x["k_cache"], x["v_cache"], x["block_tables"], x["seq_lens"])
+    res = dict(shape=asdict(shape))
+    for _ in range(3):                                   # compile first
+        pa.paged_attention(*args)
+        pa.paged_attention(*args, num_splits=1)
+    torch.cuda.synchronize()
+    res["full_call"] = _cpu_us(lambda: pa.paged_attention(*args), n)
+    res["full_call_no_split"] = _cpu_us(lambda: pa.paged_attention(*args, num_splits=1), n)
+    res["check"] = _cpu_us(lambda: pa._check(*args, None), n)
+    res["choose_num_splits"] = _cpu_us(lambda: pa.choose_num_splits(8, 8, 2048, pa.num_sms(x["q"].device)), n)
+    res["empty_like"] = _cpu_us(lambda: torch.empty_like(x["q"]), n)
+    k, v = gather_kv(x["k_cache"], x["v_cache"], x["block_tables"], shape.context)
+    k, v = k.contiguous(), v.contiguous()
+    sdpa_decode(x["q"], k, v)
+    res["sdpa"] = _cpu_us(lambda: sdpa_decode(x["q"], k, v), n)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        pa.paged_attention(*args)
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    res["profile"] = buf.getvalue()
+    return res
 
 
 def time_store_kv(num_tokens=256, shape=DecodeShape(64, 4096)) -> dict:
@@ -385,6 +413,9 @@ def main(argv=None):
         bad = [c for c in checks if not c["ok"]]
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} cases pass"
               + (f"; worst failures: {bad[:5]}" if bad else ""))
+    result["host_overhead"] = host_overhead()
+    print({k: round(v, 1) for k, v in result["host_overhead"].items() if isinstance(v, float)})
+    print(result["host_overhead"]["profile"][-3500:])
     result["copy"] = time_copy()
     print(f"copy: {result['copy']['gbps']:.0f} GB/s")
     result["store_kv"] = time_store_kv()

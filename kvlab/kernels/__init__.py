@@ -26,10 +26,13 @@ def _choose_triton_mode() -> bool:
     if torch.cuda.is_available():
         return False
     if "triton" in sys.modules:
+        # e.g. `from transformers import LlamaForCausalLM` imports triton. Triton's own
+        # @triton.jit helpers (tl.zeros, tl.sum, ...) were then made for a GPU, and the
+        # interpreter cannot run kernels that call them.
         warnings.warn(
-            "kvlab.kernels: no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 "
-            "could be set, so Triton kernels cannot run here. Set TRITON_INTERPRET=1 in the "
-            "environment (or import kvlab.kernels before triton).",
+            "kvlab.kernels: no CUDA GPU, and triton was imported (by transformers, say) before "
+            "TRITON_INTERPRET=1 could be set, so kvlab's Triton kernels cannot run in this process. "
+            "Export TRITON_INTERPRET=1, or import kvlab.kernels before transformers/triton.",
             RuntimeWarning,
             stacklevel=3,
         )

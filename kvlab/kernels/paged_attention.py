@@ -26,6 +26,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -99,7 +100,6 @@ def _paged_attention_kernel(
     qk_scale,         # float: scale * log2(e), so that exp2 gives exp
     tokens_per_split, # int: tokens each split covers (a multiple of BLOCK_N)
     num_splits,       # int: splits per sequence (the grid's third dimension)
-    counter_ptr,      # int32 (num_seqs * num_kv_heads) zeros; FUSED_REDUCE: splits finished so far
     stride_qs, stride_qh,                 # q strides (head_dim stride is 1)
     stride_kb, stride_ks, stride_kh,      # k_cache strides: block, slot, head
     stride_vb, stride_vs, stride_vh,      # v_cache strides: block, slot, head
@@ -112,7 +112,6 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,     # tokens per loop iteration
     SPLIT: tl.constexpr,       # False: write out directly; True: write partials for the reduce kernel
-    FUSED_REDUCE: tl.constexpr,  # SPLIT only: the last split to finish merges the partials itself
     UPCAST: tl.constexpr,      # cast K/V/q to fp32 before tl.dot (the CPU interpreter needs it for bf16)
     IEEE: tl.constexpr,        # fp32 caches: exact fp32 dot instead of tf32
 ):
@@ -183,35 +182,6 @@ def _paged_attention_kernel(
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_out)
         tl.store(part_m_ptr + row, m_i, mask=mask_g)
         tl.store(part_l_ptr + row, l_i, mask=mask_g)
-        if FUSED_REDUCE:
-            # Count finished splits of this (sequence, KV head); the last one merges them all,
-            # saving the second launch. The barrier + release make every thread's partial
-            # stores visible before the count moves; acquire + .cg loads (L2, not a stale L1)
-            # let the last program read the others' partials.
-            tl.debug_barrier()
-            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if done == num_splits - 1:
-                first = (seq * (GROUP * tl.num_programs(1)) + heads) * num_splits     # (G_PAD,) split 0's row
-                m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-                for i in range(num_splits):
-                    m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + i, mask=mask_g, other=0.0,
-                                                      cache_modifier=".cg"))
-                m_max = tl.where(m_max > float("-inf"), m_max, 0.0)   # every split empty
-                w_sum = tl.zeros([G_PAD], tl.float32)
-                merged = tl.zeros([G_PAD, D_PAD], tl.float32)
-                for i in range(num_splits):
-                    m_s = tl.load(part_m_ptr + first + i, mask=mask_g, other=0.0, cache_modifier=".cg")
-                    l_s = tl.load(part_l_ptr + first + i, mask=mask_g, other=0.0, cache_modifier=".cg")
-                    o_s = tl.load(part_o_ptr + (first + i)[:, None] * HEAD_DIM + offs_d[None, :],
-                                  mask=mask_out, other=0.0, cache_modifier=".cg")      # (G_PAD, D_PAD)
-                    w = tl.where(l_s > 0, l_s * tl.exp2(m_s - m_max), 0.0)
-                    w_sum += w
-                    merged += w[:, None] * o_s
-                merged = merged / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
-                tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
-                         merged.to(out_ptr.dtype.element_ty), mask=mask_out)
-                tl.atomic_xchg(counter, 0)                # leave the counter zeroed for the next call
 
 
 @triton.jit
@@ -260,7 +230,6 @@ class KernelConfig:
     split_below: float = 2.0   # split-K when (seq, KV head) programs < this many per SM
     target_per_sm: float = 4.0 # ... into as many splits as make this many programs per SM
     min_split_tokens: int = 256  # never split a sequence into ranges shorter than this
-    fused_reduce: bool = False # merge the splits in the last finishing program (one launch) or a second kernel
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -292,12 +261,14 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, sms: in
                       config: KernelConfig = DEFAULT_CONFIG) -> int:
     """Split-K heuristic: split only when there are fewer than `split_below` (sequence, KV head)
     programs per SM, then into as many ranges as bring it to `target_per_sm` programs per SM,
-    but no range shorter than `min_split_tokens` (each split costs a partial write and a merge)."""
+    but no range shorter than `min_split_tokens` (each split costs a partial write and a merge),
+    rounded down to a power of two."""
     programs = num_seqs * num_kv_heads
     if programs >= config.split_below * sms:
         return 1
     wanted = math.ceil(config.target_per_sm * sms / max(programs, 1))
-    return max(1, min(wanted, max_tokens // config.min_split_tokens))
+    wanted = min(wanted, max_tokens // config.min_split_tokens)
+    return 1 << max(0, wanted.bit_length() - 1)      # a power of two: 4 and 8 beat 5 on the H100
 
 
 def _check(q, k_cache, v_cache, block_tables, seq_lens, scale):
@@ -317,7 +288,7 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, scale):
         raise ValueError(f"q head_dim {head_dim} != cache head_dim {kv_head_dim}")
     if not 1 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in 1..256, got {head_dim}")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if block_size < 1:
         raise ValueError("block_size (k_cache.shape[1]) must be >= 1")
@@ -346,20 +317,35 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, scale):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+class _Plan(NamedTuple):
+    """Everything about a launch that depends only on shapes, dtype and config (cached)."""
+    num_splits: int
+    tokens_per_split: int
+    constexprs: dict
+    reduce_constexprs: dict
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-device int32 zeros for the fused split-K merge; each call's last program re-zeroes its
-    counter, so the buffer is reused (calls on one device must not run concurrently on two streams)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
-def _next_pow2(n: int, at_least: int = 1) -> int:
-    return max(at_least, triton.next_power_of_2(n))
+@functools.lru_cache(maxsize=1024)
+def _plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+          max_blocks: int, dtype: torch.dtype, sms: int, num_splits: int | None,
+          config: KernelConfig, interpret: bool) -> _Plan:
+    max_tokens = max_blocks * block_size                 # an upper bound on every seq_len
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, sms, config)
+    block_n = config.block_n
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_tokens, 1), num_splits), block_n) * block_n
+    num_splits = max(1, triton.cdiv(max_tokens, tokens_per_split))    # drop ranges that cover nothing
+    group = num_heads // num_kv_heads
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    constexprs = dict(
+        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=num_splits > 1,
+        UPCAST=interpret, IEEE=dtype == torch.float32 and not interpret,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    reduce_constexprs = dict(S_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, D_PAD=d_pad,
+                             num_warps=4)
+    return _Plan(num_splits, tokens_per_split, constexprs, reduce_constexprs)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -385,23 +371,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if num_seqs == 0:
         return out
-
-    max_tokens = block_tables.shape[1] * block_size      # an upper bound on every seq_len
-    if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_tokens, num_sms(q.device), config)
-    block_n = config.block_n
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_tokens, 1), num_splits), block_n) * block_n
-    num_splits = max(1, triton.cdiv(max_tokens, tokens_per_split))    # drop ranges that cover nothing
-
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    d_pad = _next_pow2(head_dim, 16)
-    split = num_splits > 1
-    fused = split and config.fused_reduce
-    if split:   # one fp32 workspace: partial outputs, then m, then l
+    plan = _plan(num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], q.dtype,
+                 num_sms(q.device), num_splits, config, os.environ.get("TRITON_INTERPRET") == "1")
+    num_splits = plan.num_splits
+    if num_splits > 1:   # one fp32 workspace: partial outputs, then m, then l
         rows = num_seqs * num_heads * num_splits
         work = torch.empty(rows * (head_dim + 2), device=q.device, dtype=torch.float32)
         part_o = work[: rows * head_dim]                 # (S, Hq, splits, D) flattened
@@ -409,24 +385,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_l = work[rows * (head_dim + 1):]
     else:
         part_o = part_m = part_l = out                   # unused
-    counter = _counters(q.device, num_seqs * num_kv_heads) if fused else seq_lens   # unused unless fused
     _paged_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_m, part_l,
-        scale * LOG2E, tokens_per_split, num_splits, counter,
+        scale * LOG2E, plan.tokens_per_split, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=group, G_PAD=_next_pow2(group, 16), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split, FUSED_REDUCE=fused,
-        UPCAST=interpret, IEEE=q.dtype == torch.float32 and not interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **plan.constexprs,
     )
-    if split and not fused:
+    if num_splits > 1:
         _split_k_reduce_kernel[(num_seqs, num_heads)](
             part_o, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
-            S_PAD=_next_pow2(num_splits),
-            HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
+            **plan.reduce_constexprs,
         )
     return out
