@@ -114,19 +114,24 @@ class AllocationConfig:
             return min(1 << (final_len - 1).bit_length(), self.max_seq_len)
         return final_len  # oracle
 
+    def region_sizes(self, final_len: np.ndarray) -> np.ndarray:
+        """region_size for an array of final lengths: (n,) int64."""
+        final_len = np.asarray(final_len, dtype=np.int64)
+        if self.policy == "max-reserve":
+            return np.full_like(final_len, self.max_seq_len)
+        if self.policy == "pow2":
+            pow2 = np.left_shift(1, np.ceil(np.log2(final_len)).astype(np.int64))  # log2 is exact on powers of 2
+            return np.minimum(pow2, self.max_seq_len)
+        return final_len
+
     def rejects(self, final_len: np.ndarray) -> np.ndarray:
-        """never_fits, for an array of final lengths at once."""
+        """never_fits for an array of final lengths: (n,) bool."""
         final_len = np.asarray(final_len, dtype=np.int64)
         if self.paged:
-            return (final_len > self.max_seq_len) | (-(-final_len // self.block_size) > self.num_blocks)
-        if self.policy == "max-reserve":
-            size = np.full_like(final_len, self.max_seq_len)
-        elif self.policy == "pow2":
-            size = np.minimum(1 << np.array([int(f - 1).bit_length() for f in final_len], dtype=np.int64),
-                              self.max_seq_len)
+            too_big = -(-final_len // self.block_size) > self.num_blocks
         else:
-            size = final_len
-        return (final_len > self.max_seq_len) | (size > self.capacity_tokens)
+            too_big = self.region_sizes(final_len) > self.capacity_tokens
+        return (final_len > self.max_seq_len) | too_big
 
     def never_fits(self, final_len: int) -> bool:
         """True for a request that could not run even alone in an empty memory."""
@@ -404,8 +409,11 @@ def simulate_allocation(workload: Workload, policy: str = "paged", capacity_toke
 
 
 def _fast_contiguous(cfg, wl, P, O, F, arrive, queue):
+    """Contiguous regions never change size, so memory changes only at admissions and completions.
+    Between two events the holes and the queue head are fixed: external fragmentation is the free
+    slots times the steps while the head waits; the rest is summed per request afterwards."""
     n, C = len(P), cfg.capacity_tokens
-    A = [cfg.region_size(f) for f in F]
+    A = cfg.region_sizes(F).tolist()
     best = cfg.fit == "best"
     hs, hl = [0], [C]            # holes: starts (sorted) and lengths
     free = C
@@ -486,6 +494,11 @@ def _fast_contiguous(cfg, wl, P, O, F, arrive, queue):
 
 
 def _fast_paged(cfg, wl, P, O, F, arrive, queue):
+    """A running request takes a new block every B steps, at steps s with s % B fixed (its residue),
+    so a histogram of residues tells how many blocks any future step asks for: R per B steps. The
+    first step short of blocks is found by whole cycles plus a prefix search in the last one.
+    Events: admissions, completions, arrivals, the step after a preemption, running out of blocks.
+    Each stretch a request runs unpreempted is a segment, summed in closed form afterwards."""
     n, B, N, wm = len(P), cfg.block_size, cfg.num_blocks, cfg.watermark_blocks
     # work in queue positions: request queue[i] is "i" below
     P, O, F, arr = ([x[j] for j in queue] for x in (P, O, F, arrive))
