@@ -287,3 +287,32 @@ def test_import_sets_interpreter_without_gpu():
     code = "import triton, kvlab.kernels as k; print(k.INTERPRET)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"] and "imported (by transformers, say) before" in out.stderr
+
+
+# ---------------------------------------------------------------------------- the real model
+
+def test_smollm2_decoding_through_the_kernel_equals_hf_generate(smollm2):
+    """SmolLM2-135M (9 query heads, 3 KV heads: GQA 3, head_dim 64), two prompts of different
+    lengths decoded together from a scattered paged cache, every decode step's attention done
+    by the Triton kernel (the interpreter on a CPU): the same greedy tokens as HF generate."""
+    import kvlab
+    from kvlab.paged import greedy_generate_paged
+
+    calls = []
+
+    def counting_kernel(*args, **kwargs):
+        calls.append(args[0].shape)
+        return paged_attention(*args, **kwargs)
+
+    model = kvlab.Transformer.from_hf(smollm2.hf_model)
+    prompts = [smollm2.encode("The factory production line optimization requires"),
+               smollm2.encode("def fibonacci(n):")]
+    new_tokens = 8
+    ours = greedy_generate_paged(model, prompts, new_tokens, block_size=16, seed=0,
+                                 decode_attention=counting_kernel)
+    for ids, got in zip(prompts, ours):
+        x = torch.tensor([ids])
+        hf = smollm2.hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                       do_sample=False, pad_token_id=smollm2.tokenizer.eos_token_id)
+        assert got == hf[0, len(ids):].tolist()
+    assert len(calls) == (new_tokens - 1) * smollm2.spec.num_layers      # every decode step, every layer
