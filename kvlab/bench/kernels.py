@@ -31,6 +31,7 @@ import datetime
 import importlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
@@ -365,13 +366,13 @@ def summarize(result: dict) -> None:
     """Add kernel/baseline ratios to each shape (for the "default" kernel row) and print tables."""
     copy = result["copy"]
     for mode, key in (("eager (do_bench, L2 flushed)", "gbps"), ("CUDA graph (GPU time)", "graph_gbps")):
-        print(f"\n{mode}: GB/s of K/V read per call; copy {copy[key]:.0f} GB/s")
+        print(f"\n{mode}: GB/s of K/V read per call; copy {copy['gbps']:.0f} GB/s (eager)")
         print(f"{'batch':>5} {'ctx':>6} {'splits':>6} {'triton':>7} {'gather':>7} {'sdpa':>7}"
               f"  {'tr/sdpa':>7} {'tr/gath':>7} {'tr/copy':>7}")
         for r in result["shapes"]:
             k = next(k for k in r["kernel"] if k["label"] == "default")
             sd, ga = r["baselines"]["sdpa_contiguous"][key], r["baselines"]["gather_sdpa"][key]
-            ratios = dict(vs_sdpa=k[key] / sd, vs_gather=k[key] / ga, vs_copy=k[key] / copy[key])
+            ratios = dict(vs_sdpa=k[key] / sd, vs_gather=k[key] / ga, vs_copy=k[key] / copy["gbps"])
             r.setdefault("ratios", {})[key] = ratios
             print(f"{r['shape']['batch']:>5} {r['shape']['context']:>6} {k['num_splits_used']:>6} {k[key]:>7.0f}"
                   f" {ga:>7.0f} {sd:>7.0f}  {ratios['vs_sdpa']:>7.2f} {ratios['vs_gather']:>7.2f}"
@@ -406,6 +407,12 @@ def main(argv=None):
         sm_count=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, python=platform.python_version(),
         default_config=asdict(pa.DEFAULT_CONFIG), explore=args.explore,
+        commit=os.environ.get("KVLAB_COMMIT"),
+        method=("GB/s = K/V bytes read per call / time. 'gbps': eager, median of triton.testing.do_bench "
+                "(L2 flushed before each call; host launch overhead shows where it exceeds GPU time). "
+                "'graph_gbps': GPU time, calls captured in a CUDA graph over rotated input sets. "
+                "'cpu_us': host time to issue one call. Ratios use the eager 1 GiB copy as the ceiling."),
+        goals=dict(vs_sdpa=0.90, vs_gather=3.0, vs_copy_at_1x32768=0.70),
     )
     if not args.no_check:
         checks = check_correctness()
