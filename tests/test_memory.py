@@ -317,3 +317,16 @@ def test_comparison_rows():
     assert by["falcon-7b"]["max_concurrent_requests"] > by["llama-3-8b"]["max_concurrent_requests"]
     assert by["deepseek-v3"]["fits"] is False and by["deepseek-v3"]["max_concurrent_requests"] == 0
     assert compare(["falcon-7b"], context_len=4096)[0]["error"].startswith("seq_len 4096 exceeds")
+
+
+def test_calculator_widgets_do_not_share_layouts():
+    """Regression: one shared Layout let hiding the custom-model fields hide the model dropdown too
+    (found by tests/test_browser.py: the dropdown had display:none in JupyterLab)."""
+    from kvlab.ui.memory_calculator import MemoryCalculator
+    calc = MemoryCalculator(plot=False)
+    inputs = [calc.model, calc.kv_dtype, calc.weight_dtype, calc.gpu, calc.gpu_gib, calc.tp, calc.context,
+              *calc.custom_box.children]
+    assert len({id(w.layout) for w in inputs}) == len(inputs)
+    assert calc.custom_box.layout.display == "none" and calc.gpu_gib.layout.display == "none"
+    for w in (calc.model, calc.kv_dtype, calc.weight_dtype, calc.gpu, calc.tp, calc.context):
+        assert w.layout.display is None

@@ -83,6 +83,7 @@ def plot_plan(plan: memory.MemoryPlan, spec: ModelSpec, num_requests: int, plan_
         ax_curve.set_yticks([])
     else:
         ax_curve.set_yscale("log")
+        ax_curve.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax_curve.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax_curve.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_curve.set_xlabel("context length per request (tokens)")
@@ -102,17 +103,18 @@ class MemoryCalculator:
                  kv_dtype: str = "bfloat16", weight_dtype: str = "bfloat16", tensor_parallel: int = 1,
                  num_requests: int = 16, gpu_memory_utilization: float = 0.9, plot: bool = True):
         style = {"description_width": "130px"}
-        layout = W.Layout(width="420px")
+        def layout():   # one Layout per widget: a shared one would hide them all together
+            return W.Layout(width="420px")
         self.model = W.Dropdown(options=list_presets() + [CUSTOM], value=model, description="model",
-                                style=style, layout=layout)
-        self.kv_dtype = W.Dropdown(options=DTYPES, value=kv_dtype, description="KV dtype", style=style, layout=layout)
+                                style=style, layout=layout())
+        self.kv_dtype = W.Dropdown(options=DTYPES, value=kv_dtype, description="KV dtype", style=style, layout=layout())
         self.weight_dtype = W.Dropdown(options=DTYPES, value=weight_dtype, description="weight dtype",
-                                       style=style, layout=layout)
+                                       style=style, layout=layout())
         self.gpu = W.Dropdown(options=list(memory.GPUS) + [CUSTOM], value=gpu, description="GPU",
-                              style=style, layout=layout)
-        self.gpu_gib = W.FloatText(value=48.0, description="GPU memory (GiB)", style=style, layout=layout)
+                              style=style, layout=layout())
+        self.gpu_gib = W.FloatText(value=48.0, description="GPU memory (GiB)", style=style, layout=layout())
         self.tp = W.Dropdown(options=TP_DEGREES, value=tensor_parallel, description="tensor parallel",
-                             style=style, layout=layout)
+                             style=style, layout=layout())
         self.context = W.IntSlider(value=context_len, min=CONTEXT_MIN, max=CONTEXT_MAX, step=CONTEXT_STEP,
                                    description="context (tokens)", continuous_update=False, style=style,
                                    layout=W.Layout(width="560px"))
@@ -124,15 +126,15 @@ class MemoryCalculator:
                                          description="GPU utilization", continuous_update=False,
                                          style=style, layout=W.Layout(width="560px"))
         # custom model fields, shown when model == "custom"
-        self.c_layers = W.IntText(value=32, description="layers", style=style, layout=layout)
-        self.c_heads = W.IntText(value=32, description="query heads", style=style, layout=layout)
-        self.c_kv_heads = W.IntText(value=8, description="KV heads", style=style, layout=layout)
-        self.c_head_dim = W.IntText(value=128, description="head dim", style=style, layout=layout)
+        self.c_layers = W.IntText(value=32, description="layers", style=style, layout=layout())
+        self.c_heads = W.IntText(value=32, description="query heads", style=style, layout=layout())
+        self.c_kv_heads = W.IntText(value=8, description="KV heads", style=style, layout=layout())
+        self.c_head_dim = W.IntText(value=128, description="head dim", style=style, layout=layout())
         self.c_attention = W.Dropdown(options=["mha", "gqa", "mqa", "mla"], value="gqa", description="attention",
-                                      style=style, layout=layout)
-        self.c_latent = W.IntText(value=512, description="MLA latent (rank)", style=style, layout=layout)
-        self.c_rope = W.IntText(value=64, description="MLA RoPE key dim", style=style, layout=layout)
-        self.c_params_b = W.FloatText(value=8.0, description="params (billions)", style=style, layout=layout)
+                                      style=style, layout=layout())
+        self.c_latent = W.IntText(value=512, description="MLA latent (rank)", style=style, layout=layout())
+        self.c_rope = W.IntText(value=64, description="MLA RoPE key dim", style=style, layout=layout())
+        self.c_params_b = W.FloatText(value=8.0, description="params (billions)", style=style, layout=layout())
         self.custom_box = W.VBox([self.c_layers, self.c_heads, self.c_kv_heads, self.c_head_dim, self.c_attention,
                                   self.c_latent, self.c_rope, self.c_params_b])
 
@@ -148,7 +150,8 @@ class MemoryCalculator:
         for w in inputs:
             w.observe(self._on_change, names="value")
         left = W.VBox([self.model, self.custom_box, self.gpu, self.gpu_gib, self.tp, self.kv_dtype,
-                       self.weight_dtype])
+                       self.weight_dtype], layout=W.Layout(min_width="440px"))
+        self.results.layout = W.Layout(margin="0 0 0 24px", min_width="420px")
         self.widget = W.VBox([W.HBox([left, self.results]), self.context, self.requests, self.utilization,
                               self.plot_out])
         self.widget.add_class("kvlab-memory-calculator")
@@ -210,13 +213,13 @@ class MemoryCalculator:
             self.plot_out.clear_output()
             return
         self.plan, self.error = plan, None
-        self.results.value = self._render(plan, spec)
-        if self._plot:
+        if self._plot:   # draw first, so the numbers and the figure on screen always agree
             with self.plot_out:
                 self.plot_out.clear_output(wait=True)
                 fig = plot_plan(plan, spec, self.requests.value, kwargs)
                 display(fig)
                 plt.close(fig)
+        self.results.value = self._render(plan, spec)
 
     # ---- rendering -------------------------------------------------------------------------------
     def _render(self, plan: memory.MemoryPlan, spec: ModelSpec) -> str:
