@@ -42,14 +42,41 @@ def test_bytes_per_token_matches_hand_derivation(name):
     assert spec.num_params and spec.num_params > 0
 
 
-def test_presets_agree_with_from_hf_config():
-    """A preset equals what ModelSpec.from_hf_config reads from the same published numbers."""
-    config = dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
-                  num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
-                  max_position_embeddings=8192, tie_word_embeddings=False)
-    read = kvlab.ModelSpec.from_hf_config(config, name="llama-3-8b")
-    preset = kvlab.ModelSpec.preset("llama-3-8b")
-    assert read.replace(source=preset.source) == preset
+# The fields of each published config.json that decide the spec (copied from the files named in `source`).
+PUBLISHED_CONFIGS = {
+    "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
+    "opt-13b": dict(model_type="opt", num_hidden_layers=40, hidden_size=5120, num_attention_heads=40, ffn_dim=20480,
+                    max_position_embeddings=2048, vocab_size=50272),
+    "llama-3-8b": dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                       max_position_embeddings=8192, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=32000,
+                       max_position_embeddings=32768, sliding_window=4096, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", num_hidden_layers=28, hidden_size=3584, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                       max_position_embeddings=131072, sliding_window=131072, use_sliding_window=False,
+                       tie_word_embeddings=False),
+    "falcon-7b": dict(model_type="falcon", num_hidden_layers=32, hidden_size=4544, num_attention_heads=71,
+                      multi_query=True, new_decoder_architecture=False, vocab_size=65024),
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", num_hidden_layers=27, hidden_size=2048, num_attention_heads=16,
+                             num_key_value_heads=16, intermediate_size=10944, moe_intermediate_size=1408,
+                             kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                             v_head_dim=128, vocab_size=102400, max_position_embeddings=163840),
+    "deepseek-v3": dict(model_type="deepseek_v3", num_hidden_layers=61, hidden_size=7168, num_attention_heads=128,
+                        num_key_value_heads=128, intermediate_size=18432, moe_intermediate_size=2048,
+                        kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, vocab_size=129280, max_position_embeddings=163840),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_presets_agree_with_from_hf_config(name):
+    """A preset equals what ModelSpec.from_hf_config reads from the same published config
+    (parameter counts too, where from_hf_config can count them: the dense GPT-2 and Llama families)."""
+    read = kvlab.ModelSpec.from_hf_config(PUBLISHED_CONFIGS[name], name=name)
+    preset = kvlab.ModelSpec.preset(name)
+    assert read.replace(source=preset.source, num_params=read.num_params or preset.num_params) == preset
 
 
 def test_seed_numbers_for_llama_7b():
