@@ -75,7 +75,7 @@ def greedy_generate_paged(model, prompts: Sequence[Sequence[int]], max_new_token
                           eos_token_id: int | None = None, seed: int | None = None,
                           decode_attention: DecodeAttentionFn | None = None,
                           paged: tuple[BlockAllocator, PagedKVCache, PagedAttention] | None = None,
-                          ) -> list[list[int]]:
+                          free_finished: bool = True) -> list[list[int]]:
     """Greedy decoding of prompts of any lengths together, from a paged cache.
 
     All prompts are prefilled in one pass, then decoded one token a step; a sequence
@@ -83,7 +83,8 @@ def greedy_generate_paged(model, prompts: Sequence[Sequence[int]], max_new_token
     queue with a seeded permutation (blocks end up anywhere in the pool). decode_attention:
     the decode kernel (default the torch reference; kvlab.kernels.paged_attention is the
     Triton one). paged: an existing (allocator, cache, attn) from make_paged instead.
-    Returns the new tokens of each prompt (cut after EOS)."""
+    free_finished=False keeps finished sequences (ids ("greedy", i)) and their blocks, to look
+    at their block tables and cached K/V afterwards. Returns the new tokens of each prompt (cut after EOS)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if paged is None:
@@ -106,7 +107,8 @@ def greedy_generate_paged(model, prompts: Sequence[Sequence[int]], max_new_token
         for i, tok in zip(live, next_tokens):
             outputs[i].append(tok)
             if (eos_token_id is not None and tok == eos_token_id) or step == max_new_tokens - 1:
-                allocator.free_sequence(seq_ids[i])          # blocks are free again at once
+                if free_finished:
+                    allocator.free_sequence(seq_ids[i])      # blocks are free again at once
             else:
                 still.append((i, tok))
         if not still:

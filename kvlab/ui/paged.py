@@ -1,0 +1,213 @@
+"""Figures and a step-through widget for the block allocator (notebook 05).
+
+    draw_pool(alloc, ax)            grid of physical blocks colored by owner, block tables beside
+    draw_mapping(alloc, seq_ids)    logical blocks of each sequence -> their physical blocks
+    replay_ops(ops, ...)            a fresh BlockAllocator after a list of operations
+    AllocatorStepper(ops, ...)      ipywidgets app: step through allocate/append/fork/free
+
+Operations are tuples: ("allocate", seq, n_tokens or token ids), ("append", seq, n),
+("fork", parent, child), ("free", seq). Everything shown is read from the allocator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
+
+from kvlab.paged.block_allocator import BlockAllocator
+
+PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
+           "#ccb974", "#64b5cd"]
+FREE, CACHED, SHARED = "#eeeeee", "#c9d9c9", "#222222"
+
+
+def seq_colors(seq_ids: Sequence) -> dict:
+    return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(seq_ids)}
+
+
+def _owners(alloc: BlockAllocator) -> dict[int, list]:
+    owners: dict[int, list] = {}
+    for s in alloc.seq_ids():
+        for b in alloc.block_table(s):
+            owners.setdefault(b, []).append(s)
+    return owners
+
+
+def _fill(alloc: BlockAllocator) -> dict[int, int]:
+    """Slots used in each block (the most any owner uses)."""
+    fill: dict[int, int] = {}
+    bs = alloc.block_size
+    for s in alloc.seq_ids():
+        n = alloc.num_tokens(s)
+        for i, b in enumerate(alloc.block_table(s)):
+            fill[b] = max(fill.get(b, 0), min(bs, n - i * bs))
+    return fill
+
+
+def draw_pool(alloc: BlockAllocator, ax=None, cols: int = 8, colors: dict | None = None, title: str | None = None,
+              show_tables: bool = True):
+    """Physical blocks as a grid: the filled part of a block in its owner's color (a shared
+    block has a black border and its reference count), free blocks light gray, freed blocks
+    still holding a prefix-cache hash pale green. Block tables are listed beside the grid."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.55 * (-(-alloc.num_blocks // cols)) + 1.2))
+    colors = colors or seq_colors(alloc.seq_ids())
+    owners, fill = _owners(alloc), _fill(alloc)
+    rows = -(-alloc.num_blocks // cols)
+    for b in range(alloc.num_blocks):
+        r, c = divmod(b, cols)
+        x, y = c, rows - 1 - r
+        base = CACHED if (alloc.ref_count(b) == 0 and alloc.block_hash(b) is not None) else FREE
+        ax.add_patch(Rectangle((x + 0.05, y + 0.05), 0.9, 0.9, facecolor=base, edgecolor="#bbbbbb"))
+        if b in owners:
+            frac = fill.get(b, 0) / alloc.block_size
+            ax.add_patch(Rectangle((x + 0.05, y + 0.05), 0.9 * frac, 0.9,
+                                   facecolor=colors.get(owners[b][0], "#888888"), edgecolor="none"))
+            if alloc.ref_count(b) > 1:
+                ax.add_patch(Rectangle((x + 0.05, y + 0.05), 0.9, 0.9, facecolor="none", edgecolor=SHARED, lw=2.2))
+                ax.text(x + 0.9, y + 0.78, f"x{alloc.ref_count(b)}", ha="right", va="center", fontsize=7,
+                        color="white", weight="bold")
+        ax.text(x + 0.1, y + 0.2, str(b), fontsize=7, color="#555555")
+    ax.set_xlim(0, cols + (5.5 if show_tables else 0))
+    ax.set_ylim(-0.1, rows + 0.1)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if show_tables:
+        for i, s in enumerate(alloc.seq_ids()[:rows * 2]):
+            table = alloc.block_table(s)
+            shown = ", ".join(map(str, table[:10])) + (", ..." if len(table) > 10 else "")
+            ax.text(cols + 0.3, rows - 0.45 - 0.5 * i, f"{s}: {alloc.num_tokens(s)} tok -> [{shown}]",
+                    fontsize=8, va="center", color=colors.get(s, "#333333"))
+    ax.set_title(title or f"{alloc.num_free_blocks}/{alloc.num_blocks} blocks free", fontsize=10)
+    return ax
+
+
+def draw_mapping(alloc: BlockAllocator, seq_ids: Sequence | None = None, ax=None, colors: dict | None = None):
+    """Top: each sequence's logical blocks 0, 1, 2, ... in a row (logically contiguous).
+    Bottom: the pool; a line joins each logical block to its physical block (scattered)."""
+    seq_ids = list(seq_ids if seq_ids is not None else alloc.seq_ids())
+    colors = colors or seq_colors(seq_ids)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * len(seq_ids)))
+    n = alloc.num_blocks
+    scale = min(2.0, n / max(len(alloc.block_table(s)) for s in seq_ids) / 1.15)
+    for b in range(n):
+        ax.add_patch(Rectangle((b, 0), 0.9, 0.8, facecolor=FREE, edgecolor="#bbbbbb", lw=0.5))
+    for row, s in enumerate(seq_ids):
+        y = 1.8 + row * 0.9
+        table = alloc.block_table(s)
+        for i, b in enumerate(table):
+            x = i * scale
+            ax.add_patch(Rectangle((x, y), 0.9 * scale, 0.6, facecolor=colors[s], edgecolor="white", lw=0.5))
+            ax.add_patch(Rectangle((b, 0), 0.9, 0.8, facecolor=colors[s], edgecolor="white", lw=0.5))
+            ax.plot([x + 0.45 * scale, b + 0.45], [y, 0.8], color=colors[s], lw=0.6, alpha=0.6)
+        ax.text(-0.5, y + 0.3, str(s), ha="right", va="center", fontsize=8, color=colors[s])
+    ax.text(-0.5, 0.4, "pool", ha="right", va="center", fontsize=8)
+    ax.set_xlim(-4, n + 0.5)
+    ax.set_ylim(-0.2, 1.8 + 0.9 * len(seq_ids))
+    ax.axis("off")
+    return ax
+
+
+def apply_op(alloc: BlockAllocator, op: tuple, token: int = 0) -> str:
+    """Do one operation; return a line saying what happened."""
+    kind = op[0]
+    if kind == "allocate":
+        _, s, toks = op
+        toks = list(range(1000, 1000 + toks)) if isinstance(toks, int) else list(toks)
+        table = alloc.allocate_sequence(s, toks)
+        hit = alloc.num_cached_tokens(s)
+        return f"allocate {s}: {len(toks)} tokens -> blocks {table}" + (f" ({hit} cached)" if hit else "")
+    if kind == "append":
+        _, s, n = op
+        slots = [alloc.append_token(s, token) for _ in range(n)]
+        copies = alloc.pop_copies()
+        msg = f"append {n} to {s}: slots {slots[0]}..{slots[-1]}, table {alloc.block_table(s)}"
+        return msg + (f"; copy-on-write {copies}" if copies else "")
+    if kind == "fork":
+        _, parent, child = op
+        return f"fork {parent} -> {child}: shares {alloc.fork(parent, child)}"
+    if kind == "free":
+        _, s = op
+        table = alloc.block_table(s)
+        alloc.free_sequence(s)
+        return f"free {s}: blocks {table} back to the free queue"
+    raise ValueError(f"unknown operation {kind!r}; use allocate, append, fork or free")
+
+
+def replay_ops(ops: Sequence[tuple], num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+               free_order: Sequence[int] | None = None) -> tuple[BlockAllocator, list[str]]:
+    alloc = BlockAllocator(num_blocks, block_size, enable_prefix_caching, free_order=free_order)
+    return alloc, [apply_op(alloc, op) for op in ops]
+
+
+def all_seq_ids(ops: Sequence[tuple]) -> list:
+    ids: list = []
+    for op in ops:
+        for s in ([op[1], op[2]] if op[0] == "fork" else [op[1]]):
+            if s not in ids:
+                ids.append(s)
+    return ids
+
+
+def draw_steps(ops: Sequence[tuple], steps: Sequence[int], num_blocks: int, block_size: int, cols: int = 8,
+               free_order: Sequence[int] | None = None):
+    """Small multiples: the pool after the first `k` operations, for each k in steps."""
+    colors = seq_colors(all_seq_ids(ops))
+    fig, axes = plt.subplots(len(steps), 1, figsize=(9, 1.45 * len(steps) * (-(-num_blocks // cols)) / 2 + 0.6))
+    for ax, k in zip(list(axes) if len(steps) > 1 else [axes], steps):
+        alloc, log = replay_ops(ops[:k], num_blocks, block_size, free_order=free_order)
+        draw_pool(alloc, ax, cols=cols, colors=colors, title=f"after step {k}: {log[-1] if log else 'empty'}")
+    fig.tight_layout()
+    return fig
+
+
+class AllocatorStepper:
+    """Step through a list of operations; the pool is redrawn after each one.
+
+    Buttons: back, next, reset; a slider picks any step. The allocator is rebuilt by
+    replaying the first k operations, so going back is exact."""
+
+    def __init__(self, ops: Sequence[tuple], num_blocks: int = 24, block_size: int = 4, cols: int = 8,
+                 enable_prefix_caching: bool = False, free_order: Sequence[int] | None = None):
+        import ipywidgets as W
+        from IPython.display import display
+
+        self.ops, self.num_blocks, self.block_size, self.cols = list(ops), num_blocks, block_size, cols
+        self.enable_prefix_caching, self.free_order = enable_prefix_caching, free_order
+        self.colors = seq_colors(all_seq_ids(self.ops))
+        self.slider = W.IntSlider(value=0, min=0, max=len(self.ops), description="step")
+        self.back, self.next = W.Button(description="back"), W.Button(description="next")
+        self.reset = W.Button(description="reset")
+        self.log = W.HTML()
+        self.out = W.Output()
+        self.back.on_click(lambda _: self._go(self.slider.value - 1))
+        self.next.on_click(lambda _: self._go(self.slider.value + 1))
+        self.reset.on_click(lambda _: self._go(0))
+        self.slider.observe(lambda ch: self.redraw(), names="value")
+        self.widget = W.VBox([W.HBox([self.back, self.next, self.reset, self.slider]), self.log, self.out])
+        self._display = display
+        self.redraw()
+
+    def _go(self, k: int) -> None:
+        self.slider.value = max(0, min(len(self.ops), k))
+
+    def state(self, k: int | None = None) -> tuple[BlockAllocator, list[str]]:
+        k = self.slider.value if k is None else k
+        return replay_ops(self.ops[:k], self.num_blocks, self.block_size, self.enable_prefix_caching,
+                          self.free_order)
+
+    def redraw(self) -> None:
+        alloc, lines = self.state()
+        nxt = f"<br>next: <code>{self.ops[self.slider.value]}</code>" if self.slider.value < len(self.ops) else ""
+        self.log.value = f"<b>{lines[-1] if lines else 'empty pool'}</b>{nxt}"
+        with self.out:
+            self.out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(9, 0.55 * (-(-self.num_blocks // self.cols)) + 1.0))
+            draw_pool(alloc, ax, cols=self.cols, colors=self.colors)
+            plt.show()
+
+    def _ipython_display_(self):
+        self._display(self.widget)
