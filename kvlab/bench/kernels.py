@@ -35,6 +35,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,27 @@ def make_inputs(shape: DecodeShape, device: str | torch.device = "cuda", seed: i
     seq_lens = torch.full((b,), n, dtype=torch.int32, device=device)
     q = torch.randn(b, shape.num_heads, d, generator=g, device=device, dtype=dt)   # (B, Hq, D)
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+
+
+def random_problem(seq_lens, num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
+                   dtype=torch.float32, device="cpu", seed=0, spare_blocks=3) -> dict:
+    """A small decode problem with sequences of different lengths: random q and cache, each
+    sequence's blocks drawn from a random permutation of the pool (scattered), unused table
+    entries -1. Keyword arguments of paged_attention / paged_attention_reference."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, max(math.ceil(n / block_size) for n in seq_lens))
+    num_blocks = len(seq_lens) * max_blocks + spare_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)          # the layout of kvlab.paged
+    k_cache = torch.randn(shape, generator=g).to(device, dtype)
+    v_cache = torch.randn(shape, generator=g).to(device, dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    block_tables = torch.full((len(seq_lens), max_blocks), -1, dtype=torch.int32)
+    for i, n in enumerate(seq_lens):
+        for j in range(math.ceil(n / block_size)):
+            block_tables[i, j] = perm.pop()
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=g).to(device, dtype)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables.to(device),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device))
 
 
 def gather_kv(k_cache, v_cache, block_tables, context):
@@ -362,7 +384,72 @@ def time_store_kv(num_tokens=256, shape=DecodeShape(64, 4096)) -> dict:
     return dict(num_tokens=num_tokens, ms=ms, gbps=nbytes / ms / 1e6)
 
 
-def summarize(result: dict) -> None:
+# --------------------------------------------------------------------------- reading results
+
+RESULTS = Path(__file__).resolve().parents[2] / "data" / "bench" / "paged_attention_h100.json"
+LABELS = {"triton": "Triton paged kernel", "gather_sdpa": "gather + SDPA (torch on a paged cache)",
+          "sdpa_contiguous": "SDPA on a contiguous cache (no paging)"}
+
+
+def load_results(path: str | Path = RESULTS) -> dict:
+    """A benchmark JSON (default: the committed H100 run)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def bandwidth_rows(result: dict, key: str = "graph_gbps") -> list[dict]:
+    """Per shape: GB/s of the kernel (launcher's default), gather + SDPA, contiguous SDPA."""
+    rows = []
+    for r in result["shapes"]:
+        k = next(k for k in r["kernel"] if k["label"] == "default")
+        rows.append(dict(batch=r["shape"]["batch"], context=r["shape"]["context"], splits=k["num_splits_used"],
+                         kv_mb=r["kv_bytes"] / 1e6, triton=k[key], gather_sdpa=r["baselines"]["gather_sdpa"][key],
+                         sdpa_contiguous=r["baselines"]["sdpa_contiguous"][key]))
+    return rows
+
+
+def plot_bandwidth(result: dict, key: str = "graph_gbps", ax=None):
+    """Grouped bars: GB/s of K/V read per call, per shape and implementation; the copy ceiling dashed."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = bandwidth_rows(result, key)
+    ax = ax or plt.subplots(figsize=(9, 4))[1]
+    x = np.arange(len(rows))
+    for i, name in enumerate(("triton", "gather_sdpa", "sdpa_contiguous")):
+        ax.bar(x + (i - 1) * 0.27, [r[name] for r in rows], 0.27, label=LABELS[name])
+    ax.axhline(result["copy"]["gbps"], ls="--", c="k", lw=1, label=f"1 GiB copy ({result['copy']['gbps']:.0f} GB/s)")
+    ax.set_xticks(x, [f"batch {r['batch']}\nctx {r['context']}" for r in rows])
+    ax.set_ylabel("GB/s of K/V read")
+    mode = "GPU time (CUDA graph)" if key == "graph_gbps" else "eager (do_bench, host launch included)"
+    ax.set_title(f"{result['card']}, {result['date'][:10]}: decode attention, {mode}", fontsize=10)
+    ax.set_ylim(0, 1.3 * result["copy"]["gbps"])
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    return ax
+
+
+def plot_split_sweep(result: dict, ax=None):
+    """GB/s (GPU time) against the number of split-K ranges, for the shapes that were swept."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6, 4))[1]
+    for r in result["shapes"]:
+        pts = sorted((k["num_splits"], k["graph_gbps"]) for k in r["kernel"]
+                     if k["label"].startswith("splits") and "graph_gbps" in k)
+        if len(pts) < 3:
+            continue
+        default = next(k for k in r["kernel"] if k["label"] == "default")
+        line, = ax.plot(*zip(*pts), marker="o", label=f"batch {r['shape']['batch']}, ctx {r['shape']['context']}")
+        ax.plot(default["num_splits_used"], default["graph_gbps"], marker="*", ms=16, c=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("splits per sequence (num_splits)")
+    ax.set_ylabel("GB/s of K/V read (GPU time)")
+    ax.set_title(f"split-K on {result['card']} (star: the heuristic's choice)", fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def summarize(result: dict, variants: bool = True) -> None:
     """Add kernel/baseline ratios to each shape (for the "default" kernel row) and print tables."""
     copy = result["copy"]
     for mode, key in (("eager (do_bench, L2 flushed)", "gbps"), ("CUDA graph (GPU time)", "graph_gbps")):
@@ -377,7 +464,7 @@ def summarize(result: dict) -> None:
             print(f"{r['shape']['batch']:>5} {r['shape']['context']:>6} {k['num_splits_used']:>6} {k[key]:>7.0f}"
                   f" {ga:>7.0f} {sd:>7.0f}  {ratios['vs_sdpa']:>7.2f} {ratios['vs_gather']:>7.2f}"
                   f" {ratios['vs_copy']:>7.2f}")
-    if result.get("explore"):
+    if variants and result.get("explore"):
         print("\nvariants: label splits eager graph cpu_us err deterministic")
         for r in result["shapes"]:
             print(f"({r['shape']['batch']}, {r['shape']['context']}) sdpa {r['baselines']['sdpa_contiguous']['graph_gbps']:.0f}"
