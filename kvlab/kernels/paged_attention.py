@@ -12,7 +12,7 @@ Layout (the contract with kvlab.paged):
     k_cache:      (num_blocks, block_size, num_kv_heads, head_dim)
     v_cache:      (num_blocks, block_size, num_kv_heads, head_dim)
     block_tables: int32 (num_seqs, max_blocks)           physical block of each logical block
-    seq_lens:     int32 (num_seqs)                       tokens cached per sequence (>= 1)
+    seq_lens:     int32 (num_seqs)                       tokens cached per sequence (0 gives zeros)
     out:          (num_seqs, num_heads, head_dim)
 
 Token t of sequence s sits at k_cache[block_tables[s, t // block_size], t % block_size].
