@@ -7,8 +7,24 @@ Triton, matplotlib or ipywidgets until a chapter asks for them.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
+
+
+def _use_triton_interpreter_without_gpu() -> None:
+    """Triton reads TRITON_INTERPRET once, when it is imported, and transformers imports it
+    early; so decide here, first: with no CUDA GPU, kvlab's Triton kernels run interpreted."""
+    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_use_triton_interpreter_without_gpu()
 
 # public name -> module that defines it (DESIGN.md's API)
 _EXPORTS = {
