@@ -3,7 +3,9 @@
 A request is a prompt (token ids) and an output length. `replay` admits requests in
 order while the allocator can take them (at most `max_running` at once), grows every
 running request by one token a step, and frees a request the step it finishes, so a
-waiting one can take its blocks at once. It counts what an engine would see:
+waiting one can take its blocks at once. When a running request needs a block and none
+is free, the newest request is preempted (freed and queued again, to be recomputed),
+as vLLM does. It counts what an engine would see:
 blocks in use per step, prompt tokens that needed prefill vs those the prefix cache
 supplied, and how many requests ran at once.
 
@@ -22,11 +24,12 @@ from kvlab.paged.block_allocator import BlockAllocator
 @dataclass
 class TraceStats:
     num_requests: int
-    prompt_tokens: int              # all prompt tokens
+    prompt_tokens: int              # prompt tokens admitted (a preempted prompt counts again)
     cached_tokens: int              # prompt tokens whose K/V came from the prefix cache
     steps: int                      # decode steps until every request finished
     peak_blocks: int                # most blocks in use at once
     peak_running: int               # most requests running at once
+    preemptions: int = 0            # requests sent back to the queue to free blocks (recomputed later)
     used_blocks: list[int] = field(default_factory=list)    # blocks in use after each step
     running: list[int] = field(default_factory=list)        # requests still running after each step
 
@@ -55,25 +58,38 @@ def replay(prompts: Sequence[Sequence[int]], output_lens: Sequence[int], num_blo
                              f"of the pool")
     max_running = max_running or len(prompts)
     waiting = list(range(len(prompts)))
-    remaining: dict[int, int] = {}
-    stats = TraceStats(len(prompts), sum(len(p) for p in prompts), 0, 0, 0, 0)
+    remaining: dict[int, int] = {}                      # running request -> output tokens still to come
+    stats = TraceStats(len(prompts), 0, 0, 0, 0, 0)
     while waiting or remaining:
-        # admit while the next request fits, keeping room for one new block per running request
+        # admit in arrival order while the next prompt fits, leaving a block of headroom per
+        # running request (a watermark, as vLLM keeps, so admission rarely forces preemption)
         while (waiting and len(remaining) < max_running and alloc.can_allocate(prompts[waiting[0]])
                and alloc.num_free_blocks - alloc.blocks_needed(len(prompts[waiting[0]])) >= len(remaining)):
             r = waiting.pop(0)
             alloc.allocate_sequence(r, prompts[r])
+            stats.prompt_tokens += len(prompts[r])
             stats.cached_tokens += alloc.num_cached_tokens(r)
             remaining[r] = output_lens[r]
-        stats.peak_running = max(stats.peak_running, len(remaining))
         if not remaining:
             raise RuntimeError("no request can be admitted: the pool is too small for the next prompt")
+        stats.peak_running = max(stats.peak_running, len(remaining))
         for r in list(remaining):                       # one decode step: each request grows a token
+            if r not in remaining:                      # preempted earlier in this step
+                continue
             remaining[r] -= 1
             if remaining[r] == 0:
                 alloc.free_sequence(r)                   # finished: its blocks are free at once
                 del remaining[r]
-            else:
+                continue
+            while not alloc.can_append(r):               # out of blocks: preempt the newest request
+                victim = list(remaining)[-1]
+                alloc.free_sequence(victim)
+                del remaining[victim]
+                waiting.insert(0, victim)                # it starts over later (recompute)
+                stats.preemptions += 1
+                if victim == r:
+                    break
+            if r in remaining:
                 alloc.append_token(r, 0)
         stats.steps += 1
         stats.used_blocks.append(alloc.num_used_blocks)
