@@ -471,3 +471,54 @@ def test_paged_attention_without_batch_raises():
     with pytest.raises(ValueError, match="set_batch"):
         PagedAttention(cache)(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2),
                               torch.zeros(1, 1, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- trace replay
+
+def test_replay_matches_brute_force_lengths():
+    """A pool large enough for everything: blocks in use each step are sum(ceil(len / bs))
+    over the requests still running, computed here from lengths alone."""
+    from kvlab.paged.trace import replay
+    prompts, outs, bs = [[1] * 5, [2] * 9, [3] * 2], [3, 1, 4], 4
+    stats = replay(prompts, outs, num_blocks=64, block_size=bs)
+    expected = []
+    for step in range(1, max(outs) + 1):
+        expected.append(sum(-(-(len(p) + step) // bs) for p, o in zip(prompts, outs) if o > step))
+    assert stats.used_blocks == expected
+    assert (stats.steps, stats.peak_running, stats.preemptions, stats.prompt_tokens) == (4, 3, 0, 16)
+
+
+def test_replay_preempts_when_the_pool_runs_dry_and_still_finishes():
+    from kvlab.paged.trace import replay
+    stats = replay([[1] * 6] * 4, [10] * 4, num_blocks=8, block_size=4)
+    assert stats.preemptions > 0 and stats.running[-1] == 0 and stats.peak_blocks <= 8
+
+
+def test_replay_prefix_cache_hits_on_a_shared_prefix():
+    from kvlab.paged.trace import replay
+    shared = list(range(100, 116))                       # 4 full blocks of 4
+    prompts = [shared + [i] for i in range(5)]
+    stats = replay(prompts, [2] * 5, num_blocks=64, block_size=4, enable_prefix_caching=True)
+    assert stats.cached_tokens == 4 * 16 and stats.hit_rate == 64 / 85
+
+
+def test_replay_bad_input():
+    from kvlab.paged.trace import replay
+    with pytest.raises(ValueError, match="one output length per prompt"):
+        replay([[1]], [1, 2], num_blocks=4)
+    with pytest.raises(ValueError, match="needs more than the 2 blocks"):
+        replay([[1] * 40], [1], num_blocks=2, block_size=16)
+
+
+def test_gather_decode_attention_matches_the_reference():
+    from kvlab.kernels import paged_attention_reference
+    from kvlab.paged import gather_decode_attention
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(10, 4, 2, 8), torch.randn(10, 4, 2, 8)
+    tables = torch.tensor([[7, 2, 9], [0, 5, 0], [3, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor([11, 5, 1], dtype=torch.int32)
+    q = torch.randn(3, 6, 8)
+    torch.testing.assert_close(gather_decode_attention(q, k_cache, v_cache, tables, lens),
+                               paged_attention_reference(q, k_cache, v_cache, tables, lens), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="default scale"):
+        gather_decode_attention(q, k_cache, v_cache, tables, lens, scale=0.5)

@@ -12,7 +12,7 @@ import torch
 
 import kvlab
 from kvlab.model.generate import greedy_generate
-from kvlab.paged import decode_step, greedy_generate_paged, make_paged, prefill
+from kvlab.paged import decode_step, gather_decode_attention, greedy_generate_paged, make_paged, prefill
 
 PROMPTS = [
     "The factory production line optimization requires",
@@ -117,13 +117,16 @@ def test_forked_continuations_share_the_prompt_then_copy_on_write(smollm2, model
         assert o[1:] == hf_greedy(smollm2, prompt + [t], 11)
 
 
+@pytest.mark.parametrize("decode", ["reference", "gather"])
 @pytest.mark.parametrize("name", ["tiny-llama-random", "tiny-gpt2-random"])
-def test_paged_equals_contiguous_cache_tiny(name):
-    """MHA with learned positions (GPT-2) and GQA with RoPE: paged == contiguous, token for token."""
+def test_paged_equals_contiguous_cache_tiny(name, decode):
+    """MHA with learned positions (GPT-2) and GQA with RoPE: paged == contiguous, token for token,
+    with either decode attention function."""
     lm = kvlab.load_model(name)
     model = kvlab.Transformer.from_hf(lm.hf_model)
     prompts = [torch.randint(0, lm.spec.vocab_size, (n,)).tolist() for n in (5, 13, 1)]
-    paged = greedy_generate_paged(model, prompts, 12, block_size=4, seed=3)
+    fn = gather_decode_attention if decode == "gather" else None
+    paged = greedy_generate_paged(model, prompts, 12, block_size=4, seed=3, decode_attention=fn)
     assert paged == [greedy_generate(model, [p], 12).token_ids[0] for p in prompts]
 
 

@@ -10,7 +10,9 @@ Two measurements, each beside its baseline in the same process:
    reference decode attention against kvlab's contiguous cache, alternating the two so
    that both see the same machine load. The step is split into the attention calls
    (K/V write + attention, summed over layers), the runner's bookkeeping (block tables,
-   slot mapping, PagedBatch) and the rest of the model (matmuls, norms, RoPE).
+   slot mapping, PagedBatch) and the rest of the model (matmuls, norms, RoPE). A third
+   line runs the paged step with `gather_decode_attention` (gather, then SDPA) instead of
+   the reference.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from collections import Counter
 
 import torch
 
-from kvlab.paged import BlockAllocator, forward_step, make_paged, prefill
+from kvlab.kernels import paged_attention_reference
+from kvlab.paged import BlockAllocator, forward_step, gather_decode_attention, make_paged, prefill
 
 
 # ----------------------------------------------------------------------------- allocator
@@ -123,7 +126,8 @@ def bench_decode(model_name: str = "smollm2-135m", batch: int = 8, context: int 
 
     num_blocks = batch * -(-max_len // block_size) + 8
     order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
-    alloc, cache, attn = make_paged(model, num_blocks, block_size, free_order=order)
+    timed_decode = TimedAttention(paged_attention_reference)            # the decode attention alone
+    alloc, cache, attn = make_paged(model, num_blocks, block_size, free_order=order, decode_attention=timed_decode)
     timed_p = TimedAttention(attn)
     seqs = list(range(batch))
     for s in seqs:
@@ -139,7 +143,16 @@ def bench_decode(model_name: str = "smollm2-135m", batch: int = 8, context: int 
         return out
 
     tok = torch.randint(0, lm.spec.vocab_size, (batch, 1))
-    keys = ["contiguous", "contiguous_attn", "paged", "paged_attn", "paged_allocator", "paged_runner"]
+    # the same paged step with "gather + SDPA" as the decode attention, on its own allocator/cache
+    alloc_g, _, attn_g = make_paged(model, num_blocks, block_size, free_order=order,
+                                    decode_attention=gather_decode_attention)
+    timed_g = TimedAttention(attn_g)
+    for s in seqs:
+        alloc_g.allocate_sequence(s, ids[s].tolist())
+    prefill(model, attn_g, alloc_g, seqs)
+
+    keys = ["contiguous", "contiguous_attn", "paged", "paged_attn", "paged_decode_fn", "paged_allocator",
+            "paged_runner", "paged_gather", "paged_gather_attn"]
     rows: dict[str, list[float]] = {k: [] for k in keys}
     for step in range(steps + 2):                                        # 2 warm-up steps
         pos = torch.full((batch, 1), context + step)
@@ -148,23 +161,32 @@ def bench_decode(model_name: str = "smollm2-135m", batch: int = 8, context: int 
         model(tok, positions=pos, attn=timed_c)
         t_c = time.perf_counter() - t
 
-        timed_p.seconds = 0.0
+        timed_p.seconds = timed_decode.seconds = 0.0
         t = time.perf_counter()
         for s in seqs:
             alloc.append_token(s, int(tok[s, 0]))
         t_alloc = time.perf_counter() - t
         logits_p = forward_step(timed_model, timed_p, alloc, seqs, [1] * batch)
         t_p = time.perf_counter() - t
+        model_p = model_seconds[0]
+
+        timed_g.seconds = 0.0
+        t = time.perf_counter()
+        for s in seqs:
+            alloc_g.append_token(s, int(tok[s, 0]))
+        logits_g = forward_step(model, timed_g, alloc_g, seqs, [1] * batch)
+        t_g = time.perf_counter() - t
         if step >= 2:
-            for k, v in zip(keys, [t_c, timed_c.seconds, t_p, timed_p.seconds, t_alloc,
-                                   t_p - t_alloc - model_seconds[0]]):
+            for k, v in zip(keys, [t_c, timed_c.seconds, t_p, timed_p.seconds, timed_decode.seconds, t_alloc,
+                                   t_p - t_alloc - model_p, t_g, timed_g.seconds]):
                 rows[k].append(v)
     med = {k: statistics.median(v) for k, v in rows.items()}
     med["model_other"] = med["contiguous"] - med["contiguous_attn"]
     return dict(model=model_name, batch=batch, context=context, block_size=block_size, steps=steps,
                 median_s=med, ratio_paged_over_contiguous=med["paged"] / med["contiguous"],
                 attn_ratio=med["paged_attn"] / med["contiguous_attn"],
-                logits_finite=bool(logits_p.isfinite().all()))
+                ratio_gather_over_contiguous=med["paged_gather"] / med["contiguous"],
+                same_argmax=bool((logits_p.argmax(-1) == logits_g.argmax(-1)).all()))
 
 
 def main(argv=None) -> None:
@@ -193,11 +215,15 @@ def main(argv=None) -> None:
     print(f"\ndecode step, {d['model']}, batch {d['batch']}, context {d['context']}, block size "
           f"{d['block_size']}, {torch.get_num_threads()} threads, median of {d['steps']}:")
     print(f"  contiguous cache   {m['contiguous'] * 1e3:8.1f} ms  (attention {m['contiguous_attn'] * 1e3:6.1f} ms)")
-    print(f"  paged (reference)  {m['paged'] * 1e3:8.1f} ms  (attention {m['paged_attn'] * 1e3:6.1f} ms, "
-          f"allocator {m['paged_allocator'] * 1e3:.2f} ms, runner bookkeeping {m['paged_runner'] * 1e3:.2f} ms)")
+    print(f"  paged (reference)  {m['paged'] * 1e3:8.1f} ms  (attention {m['paged_attn'] * 1e3:6.1f} ms, of which "
+          f"paged_attention_reference {m['paged_decode_fn'] * 1e3:.1f} ms and K/V writes "
+          f"{(m['paged_attn'] - m['paged_decode_fn']) * 1e3:.1f} ms;")
+    print(f"                                 allocator appends {m['paged_allocator'] * 1e3:.2f} ms, "
+          f"runner bookkeeping {m['paged_runner'] * 1e3:.2f} ms)")
+    print(f"  paged (gather+SDPA){m['paged_gather'] * 1e3:8.1f} ms  (attention {m['paged_gather_attn'] * 1e3:6.1f} ms)")
     print(f"  the rest of the model (matmuls, norms, RoPE): {m['model_other'] * 1e3:.1f} ms")
     print(f"  ratio paged / contiguous: step {d['ratio_paged_over_contiguous']:.2f}x, "
-          f"attention {d['attn_ratio']:.2f}x")
+          f"attention {d['attn_ratio']:.2f}x; gather+SDPA step {d['ratio_gather_over_contiguous']:.2f}x")
     if args.json:
         meta = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                     torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"))

@@ -9,9 +9,9 @@ the cache tensors, and the attention function that lets kvlab's model run on the
 
 from kvlab.paged.block_allocator import BlockAllocator, OutOfBlocksError, block_hash
 from kvlab.paged.kv_cache import PagedKVCache, slot_mapping
-from kvlab.paged.attention import PagedAttention, PagedBatch, prefill_attention
+from kvlab.paged.attention import PagedAttention, PagedBatch, gather_decode_attention, prefill_attention
 from kvlab.paged.runner import decode_step, forward_step, greedy_generate_paged, make_paged, prefill
 
 __all__ = ["BlockAllocator", "OutOfBlocksError", "block_hash", "PagedKVCache", "slot_mapping",
-           "PagedAttention", "PagedBatch", "prefill_attention", "forward_step", "prefill",
+           "PagedAttention", "PagedBatch", "prefill_attention", "gather_decode_attention", "forward_step", "prefill",
            "decode_step", "make_paged", "greedy_generate_paged"]

@@ -108,10 +108,22 @@ class PagedAttention:
                          k.reshape(b * t, *k.shape[2:]), v.reshape(b * t, *v.shape[2:]))
         k_cache, v_cache = self.cache.k_cache(layer_idx), self.cache.v_cache(layer_idx)
         if t == 1:                                            # decode: one query per sequence
-            out = self.decode_attention(q[:, 0], k_cache, v_cache, batch.block_tables,
+            out = self.decode_attention(q[:, 0].contiguous(), k_cache, v_cache, batch.block_tables,
                                         batch.seq_lens)       # (B, Hq, D)
             return out[:, None]                               # (B, 1, Hq, D)
         return prefill_attention(q, positions, k_cache, v_cache, batch.block_tables, batch.seq_lens)
+
+
+def gather_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                            scale: float | None = None) -> torch.Tensor:
+    """Decode attention with the decode kernel's signature, done as "gather through the block
+    table, then SDPA" (the prefill path with one query per sequence). An alternative to the
+    reference that is faster on CPU; the Triton kernel avoids the gathered copy altogether."""
+    if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError(f"gather_decode_attention supports only the default scale 1/sqrt(head_dim), got {scale}")
+    positions = (seq_lens.long() - 1)[:, None]                                # (B, 1): the newest token
+    return prefill_attention(q[:, None], positions, k_cache, v_cache, block_tables, seq_lens)[:, 0]
 
 
 def prefill_attention(q: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
