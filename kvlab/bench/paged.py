@@ -196,7 +196,9 @@ def main(argv=None) -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=12, help="decode steps timed (after 2 warm-up steps)")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads (default 1: on a small shared CPU two threads thrash "
+                         "when other processes run; 0 keeps torch's default)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.threads:
