@@ -88,12 +88,13 @@ def plot_measured_vs_flops(lengths: Sequence[int], times: dict[str, Sequence[flo
     return ax
 
 
-def plot_forward_time(lengths: Sequence[int], seconds: Sequence[float], predicted: Sequence[float],
-                      ax=None, label: str = "prediction"):
-    """Whole forward pass: measured seconds against T, with a prediction from the FLOP formula."""
+def plot_forward_time(lengths: Sequence[int], seconds: Sequence[float], predictions: dict[str, Sequence[float]],
+                      ax=None):
+    """Whole forward pass: measured seconds against T (dots), with predictions (label -> seconds per length)."""
     ax = _axes(ax)
     ax.plot(lengths, seconds, "ko", label="measured")
-    ax.plot(lengths, predicted, "k-", alpha=0.6, label=label)
+    for (label, predicted), style in zip(predictions.items(), ["-", "--", ":", "-."]):
+        ax.plot(lengths, predicted, style, color="k", alpha=0.6, label=label)
     ax.set_xlabel("prompt length T (tokens)")
     ax.set_ylabel("seconds per forward pass")
     ax.set_title("whole forward pass", fontsize=10)
