@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import kvlab; kvlab.load_model('smollm2-135m')"   # converts it once to safetensors
 	touch $@
 
+# JupyterLab refuses to run as root unless told; containers and CI machines often are root.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
 
 test: setup
 	$(PY) -m pytest tests
