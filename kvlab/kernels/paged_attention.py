@@ -68,6 +68,22 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out.to(q.dtype)
 
 
+def check_launchable(tensors: dict[str, torch.Tensor]) -> None:
+    """What every kvlab Triton launcher needs of its tensors: unit stride in the last
+    dimension, one device, and that device a CUDA GPU or the CPU under the interpreter."""
+    for name, t in tensors.items():
+        if t.numel() > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = next(iter(devices))
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensors must be on a CUDA GPU (or the CPU through the interpreter), got {device}")
+
+
 # ----------------------------------------------------------------------------- Triton kernels
 #
 # One program instance = one (sequence, KV head, split). It loads the G = num_heads //
@@ -301,18 +317,7 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, scale):
         raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError(f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}")
-    for name in ("q", "k_cache", "v_cache", "block_tables", "seq_lens"):
-        t = tensors[name]
-        if t.numel() > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    device = q.device
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"tensors must be on a CUDA GPU (or the CPU through the interpreter), got {device}")
+    check_launchable(tensors)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 

@@ -13,9 +13,9 @@ vLLM's `reshape_and_cache` and nano-vllm's `store_kvcache`.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from kvlab.kernels.paged_attention import check_launchable
 
 
 # ----------------------------------------------------------------------------- reference
@@ -93,18 +93,7 @@ def _check(key, value, k_cache, v_cache, slot_mapping):
     dtypes = {key.dtype, value.dtype, k_cache.dtype, v_cache.dtype}
     if len(dtypes) != 1:
         raise ValueError(f"key, value and the caches must share a dtype, got {sorted(map(str, dtypes))}")
-    for name in ("key", "value", "k_cache", "v_cache"):
-        t = tensors[name]
-        if t.numel() > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    device = key.device
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"tensors must be on a CUDA GPU (or the CPU through the interpreter), got {device}")
+    check_launchable(tensors)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
