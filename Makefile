@@ -31,7 +31,7 @@ lab: setup
 
 test: setup
 	$(PY) -m pytest tests
-	$(PY) -m pytest --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+	$(PY) -m pytest --nbval notebooks/ --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 test-fast: setup
 	$(PY) -m pytest tests -x -q
