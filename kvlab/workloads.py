@@ -100,17 +100,13 @@ class Workload:
         """The same lengths, re-timed: Poisson arrivals at `rate` per step, or all at 0 (rate=None)."""
         return Workload(self.prompt_len, self.output_len, poisson_arrivals(len(self), rate, seed), self.name)
 
-    def head(self, n: int) -> "Workload":
-        """The first n requests."""
-        return Workload(self.prompt_len[:n], self.output_len[:n], self.arrival_time[:n], self.name)
-
 
 def poisson_arrivals(n: int, rate: float | None, seed: int = 0) -> np.ndarray:
     """(n,) arrival times of a Poisson process with `rate` requests per step; rate=None: all at 0."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if rate is None:
-        return np.zeros(n)
+    if rate is None or n == 0:
+        return np.zeros(n)    # all at once, or no requests at all
     if not (rate > 0 and math.isfinite(rate)):
         raise ValueError(f"rate must be a positive number of requests per step (or None: all at once), got {rate}")
     gaps = np.random.default_rng([seed, 1]).exponential(1.0 / rate, size=n)  # (n,) inter-arrival times

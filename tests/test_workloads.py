@@ -15,11 +15,6 @@ def test_means_match_the_vllm_paper(make, means):
     assert wl.output_len.mean() == pytest.approx(means[1], rel=0.015)
 
 
-def test_published_means_are_the_papers():
-    assert W.SHAREGPT_MEANS == (161.31, 337.99)
-    assert W.ALPACA_MEANS == (19.31, 58.45)
-
-
 @pytest.mark.parametrize("make", [W.sharegpt_like, W.alpaca_like, W.uniform])
 @pytest.mark.parametrize("max_len", [2, 64, 512, 2048])
 def test_lengths_positive_and_clipped_to_max_len(make, max_len):
@@ -54,6 +49,14 @@ def test_poisson_arrivals():
     assert np.diff(t).mean() == pytest.approx(4.0, rel=0.02)        # mean gap 1 / rate
     assert np.diff(t).std() == pytest.approx(4.0, rel=0.03)         # exponential gaps: std == mean
     assert np.array_equal(W.poisson_arrivals(5, None), np.zeros(5))  # all at once
+
+
+@pytest.mark.parametrize("make", [W.sharegpt_like, W.alpaca_like, W.uniform])
+@pytest.mark.parametrize("rate", [None, 0.1])
+def test_zero_requests_is_an_empty_workload(make, rate):
+    wl = make(0, rate=rate)
+    assert len(wl) == 0 and list(wl) == [] and wl.describe() == "empty"
+    assert wl.prompt_len.shape == wl.output_len.shape == wl.arrival_time.shape == (0,)
 
 
 def test_with_arrivals_keeps_lengths():
