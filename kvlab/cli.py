@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from kvlab import memory
@@ -58,8 +59,8 @@ def _parse_gpu(text: str, parser: argparse.ArgumentParser):
         value = float(number) * scale
     except ValueError:
         parser.error(f"--gpu {text!r}: not a GPU preset ({', '.join(memory.GPUS)}) nor a size like 24GiB")
-    if value <= 0:
-        parser.error(f"--gpu {text!r}: memory must be positive")
+    if not (math.isfinite(value) and value >= 1):   # nan and inf parse as floats too
+        parser.error(f"--gpu {text!r}: memory must be positive and finite (at least 1 byte)")
     return int(value)
 
 
