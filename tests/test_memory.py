@@ -326,6 +326,9 @@ def test_calculator_custom_model_and_gpu():
     assert calc.plan.kv_bytes_per_token == 32 * 2 * 1 * 128 * 2
     calc.c_attention.value = "mla"
     assert calc.plan.kv_bytes_per_token == 32 * (512 + 64) * 2
+    calc.c_heads.value = 20                      # not a multiple of the hidden KV-heads field (8): no matter for MLA
+    assert calc.c_kv_heads.layout.display == "none" and calc.c_kv_heads.value == 8
+    assert calc.error is None and calc.plan.kv_bytes_per_token == 32 * (512 + 64) * 2
     calc.c_heads.value = 0
     assert calc.plan is None and "query heads must be a positive integer" in calc.error
     calc.c_heads.value = 32

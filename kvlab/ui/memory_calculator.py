@@ -166,7 +166,8 @@ class MemoryCalculator:
             if not w.value > 0:
                 raise ValueError(f"custom model: {w.description} must be a positive integer, got {w.value}")
         attention = self.c_attention.value
-        kv_heads = {"mha": self.c_heads.value, "mqa": 1}.get(attention, self.c_kv_heads.value)
+        # the KV-heads field is shown (and read) for GQA only; MLA caches one latent, no K/V heads of its own
+        kv_heads = {"mha": self.c_heads.value, "mqa": 1, "mla": self.c_heads.value}.get(attention, self.c_kv_heads.value)
         if attention == "gqa" and kv_heads == self.c_heads.value:
             raise ValueError("GQA needs fewer KV heads than query heads (equal is MHA)")
         if attention == "mla" and not (self.c_latent.value > 0 and self.c_rope.value > 0):
