@@ -12,6 +12,7 @@ sequences and check it, after every step, against an independent model:
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -522,3 +523,28 @@ def test_gather_decode_attention_matches_the_reference():
                                paged_attention_reference(q, k_cache, v_cache, tables, lens), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="default scale"):
         gather_decode_attention(q, k_cache, v_cache, tables, lens, scale=0.5)
+
+
+def test_blocks_to_append_matches_appending_on_a_copy():
+    """Random allocate / fork / append histories (forks share partly filled last blocks, 2 to 4
+    ways): blocks_to_append(ids) equals the free blocks actually taken by appending one token to
+    each of ids on a deep copy of the allocator, for random subsets ids of the live sequences."""
+    import copy
+    from kvlab.paged import blocks_to_append
+    rng = random.Random(0)
+    for _ in range(200):
+        alloc = BlockAllocator(64, rng.choice([1, 2, 4]))
+        names = []
+        for i in range(rng.randint(1, 3)):
+            alloc.allocate_sequence(f"p{i}", [0] * rng.randint(1, 9))
+            names.append(f"p{i}")
+            for j in range(rng.randint(0, 3)):
+                alloc.fork(f"p{i}", f"p{i}.{j}")
+                names.append(f"p{i}.{j}")
+        for s in rng.sample(names, rng.randint(0, len(names))):    # some writers move off shared blocks
+            alloc.append_token(s, 1)
+        ids = rng.sample(names, rng.randint(1, len(names)))
+        trial = copy.deepcopy(alloc)
+        for s in ids:
+            trial.append_token(s, 2)
+        assert blocks_to_append(alloc, ids) == alloc.num_free_blocks - trial.num_free_blocks

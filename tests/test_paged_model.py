@@ -140,3 +140,33 @@ def test_blocks_are_reused_the_moment_a_request_ends(tiny_llama):
     alloc.free_sequence("a")
     assert alloc.can_allocate(list(range(16)))
     assert set(old) <= set(alloc.allocate_sequence("b", list(range(16))))
+
+
+def test_decode_step_out_of_blocks_appends_to_no_sequence(tiny_llama):
+    """Pool of 3 blocks of 4; "a" and "b" hold 4 tokens each (one full block apiece), so one
+    block is free and a decode step of both needs two. The step must raise OutOfBlocksError
+    saying needed vs free and leave both sequences as they were: appending to "a" first and
+    then failing on "b" would leave "a" a token whose K/V was never written."""
+    from kvlab.paged import OutOfBlocksError
+    model = kvlab.Transformer.from_hf(tiny_llama.hf_model)
+    alloc, cache, attn = make_paged(model, num_blocks=3, block_size=4)
+    for s in ("a", "b"):
+        alloc.allocate_sequence(s, list(range(4)))
+    prefill(model, attn, alloc, ["a", "b"])
+    with pytest.raises(OutOfBlocksError, match="needs 2 free blocks, only 1 are free"):
+        decode_step(model, attn, alloc, ["a", "b"], [7, 7])
+    assert [alloc.num_tokens(s) for s in ("a", "b")] == [4, 4]
+    assert [alloc.block_table(s) for s in ("a", "b")] == [[0], [1]] and alloc.num_free_blocks == 1
+    decode_step(model, attn, alloc, ["a"], [7])                   # one of them still fits
+    assert alloc.num_tokens("a") == 5 and alloc.num_free_blocks == 0
+
+
+def test_greedy_generate_paged_out_of_blocks_allocates_no_prompt(tiny_llama):
+    """Pool of 3 blocks of 4, two prompts of 8 tokens (2 blocks each, 4 in all): greedy_generate_paged
+    must raise OutOfBlocksError before allocating either, not allocate the first and fail on the second."""
+    from kvlab.paged import OutOfBlocksError
+    model = kvlab.Transformer.from_hf(tiny_llama.hf_model)
+    paged = make_paged(model, num_blocks=3, block_size=4)
+    with pytest.raises(OutOfBlocksError, match="2 prompts need 4 free blocks, only 3 are free"):
+        greedy_generate_paged(model, [list(range(8)), list(range(8))], 2, paged=paged)
+    assert paged[0].seq_ids() == [] and paged[0].num_free_blocks == 3

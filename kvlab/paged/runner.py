@@ -19,7 +19,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from kvlab.paged.attention import DecodeAttentionFn, PagedAttention, PagedBatch
-from kvlab.paged.block_allocator import BlockAllocator
+from kvlab.paged.block_allocator import BlockAllocator, OutOfBlocksError
 from kvlab.paged.kv_cache import PagedKVCache
 
 
@@ -53,10 +53,39 @@ def prefill(model, attn: PagedAttention, allocator: BlockAllocator, seq_ids: Seq
 
 def decode_step(model, attn: PagedAttention, allocator: BlockAllocator, seq_ids: Sequence[Hashable],
                 token_ids: Sequence[int]) -> torch.Tensor:
-    """Append one token to each sequence and run it: the logits that pick the next one."""
+    """Append one token to each sequence and run it: the logits that pick the next one.
+
+    Checks first that every sequence can take its token (OutOfBlocksError, nothing appended,
+    if the step needs more free blocks than there are): appending to some sequences and then
+    failing would leave them a token whose K/V was never written."""
+    if len(seq_ids) != len(token_ids) or len(set(seq_ids)) != len(seq_ids):
+        raise ValueError(f"need one token per sequence and distinct sequences, got {len(seq_ids)} ids "
+                         f"({len(set(seq_ids))} distinct) and {len(token_ids)} tokens")
+    needed = blocks_to_append(allocator, seq_ids)
+    if needed > allocator.num_free_blocks:
+        raise OutOfBlocksError(f"a decode step of {len(seq_ids)} sequences needs {needed} free blocks, "
+                               f"only {allocator.num_free_blocks} are free; nothing was appended")
     for sid, tok in zip(seq_ids, token_ids):
         allocator.append_token(sid, tok)
     return forward_step(model, attn, allocator, seq_ids, [1] * len(seq_ids))
+
+
+def blocks_to_append(allocator: BlockAllocator, seq_ids: Sequence[Hashable]) -> int:
+    """Free blocks that appending one token to each of seq_ids (distinct) takes, from the
+    allocator's public state. A sequence whose last block is full takes a new one. A partly
+    filled last block shared by r tables is copied by each writer but the last one left
+    holding it: k of its sharers appending take min(k, r - 1) blocks."""
+    bs = allocator.block_size
+    needed = 0
+    writers: dict[int, int] = {}                  # shared, partly filled last block -> sharers appending
+    for sid in seq_ids:
+        if allocator.num_tokens(sid) % bs == 0:
+            needed += 1
+        else:
+            last = allocator.block_table(sid)[-1]
+            if allocator.ref_count(last) > 1:
+                writers[last] = writers.get(last, 0) + 1
+    return needed + sum(min(k, allocator.ref_count(b) - 1) for b, k in writers.items())
 
 
 def make_paged(model, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
@@ -96,6 +125,11 @@ def greedy_generate_paged(model, prompts: Sequence[Sequence[int]], max_new_token
         paged = make_paged(model, num_blocks, block_size, free_order=order, decode_attention=decode_attention)
     allocator, _, attn = paged
     seq_ids = [("greedy", i) for i in range(len(prompts))]
+    # all prompts or none: an upper bound (prefix-cache hits on blocks in use would need fewer)
+    needed = sum(allocator.blocks_needed(len(p)) for p in prompts)
+    if needed > allocator.num_free_blocks:
+        raise OutOfBlocksError(f"{len(prompts)} prompts need {needed} free blocks, only "
+                               f"{allocator.num_free_blocks} are free; nothing was allocated")
     for sid, prompt in zip(seq_ids, prompts):
         allocator.allocate_sequence(sid, prompt)
     outputs: list[list[int]] = [[] for _ in prompts]
