@@ -106,40 +106,24 @@ class AllocationConfig:
         """Paged: blocks an admission must leave free while anything runs (vLLM: int(0.01 * blocks))."""
         return int(self.watermark * self.num_blocks)
 
-    def region_size(self, final_len: int) -> int:
-        """Contiguous policies: slots reserved at admission for a request of final length F."""
-        if self.policy == "max-reserve":
-            return self.max_seq_len
-        if self.policy == "pow2":
-            return min(1 << (final_len - 1).bit_length(), self.max_seq_len)
-        return final_len  # oracle
-
-    def region_sizes(self, final_len: np.ndarray) -> np.ndarray:
-        """region_size for an array of final lengths: (n,) int64."""
+    def region_sizes(self, final_len) -> np.ndarray:
+        """Contiguous policies: slots reserved at admission for requests of final length F: (n,) int64."""
         final_len = np.asarray(final_len, dtype=np.int64)
         if self.policy == "max-reserve":
             return np.full_like(final_len, self.max_seq_len)
         if self.policy == "pow2":
             pow2 = np.left_shift(1, np.ceil(np.log2(final_len)).astype(np.int64))  # log2 is exact on powers of 2
             return np.minimum(pow2, self.max_seq_len)
-        return final_len
+        return final_len  # oracle
 
-    def rejects(self, final_len: np.ndarray) -> np.ndarray:
-        """never_fits for an array of final lengths: (n,) bool."""
+    def never_fits(self, final_len) -> np.ndarray:
+        """(n,) bool: True for a request that could not run even alone in an empty memory."""
         final_len = np.asarray(final_len, dtype=np.int64)
         if self.paged:
             too_big = -(-final_len // self.block_size) > self.num_blocks
         else:
             too_big = self.region_sizes(final_len) > self.capacity_tokens
         return (final_len > self.max_seq_len) | too_big
-
-    def never_fits(self, final_len: int) -> bool:
-        """True for a request that could not run even alone in an empty memory."""
-        if final_len > self.max_seq_len:
-            return True
-        if self.paged:
-            return -(-final_len // self.block_size) > self.num_blocks
-        return self.region_size(final_len) > self.capacity_tokens
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,6 +231,8 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
     P, O, arrive, order = _prepare(workload)
     n, C, B = len(P), cfg.capacity_tokens, cfg.block_size
     F = [p + o for p, o in zip(P, O)]
+    region = cfg.region_sizes(F).tolist()   # contiguous: each request's region size
+    never = cfg.never_fits(F).tolist()      # requests that could not run even alone
     pending = deque(order)               # arrived or not, in queue order
     running: list[int] = []              # oldest admission first
     k = [0] * n                          # output tokens produced so far
@@ -293,7 +279,7 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
         # 2. admit first-come-first-served while the head of the queue fits (not after a preemption)
         while not preempted and pending and arrive[pending[0]] <= s:
             j = pending[0]
-            if cfg.never_fits(F[j]):
+            if never[j]:
                 pending.popleft()                   # rejected, never retried
                 continue
             if cfg.paged:
@@ -302,7 +288,7 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
                     break
                 blocks[j] = [heapq.heappop(free_blocks) for _ in range(need)]
             else:
-                size = cfg.region_size(F[j])
+                size = region[j]
                 fitting = [h for h in holes() if h[1] >= size]
                 if not fitting:
                     break
@@ -321,13 +307,13 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
             if cfg.paged:
                 slots = np.concatenate([np.arange(b * B, (b + 1) * B) for b in blocks[j]])  # logical order
             else:
-                slots = np.arange(start[j], start[j] + cfg.region_size(F[j]))
+                slots = np.arange(start[j], start[j] + region[j])
             cat[slots[:length]] = TOKEN
             cat[slots[length:F[j]]] = RESERVED      # it will fill these before it finishes
             cat[slots[F[j]:]] = INTERNAL            # it never will
         waiting = pending and arrive[pending[0]] <= s
         if waiting and not cfg.paged:               # paged: any free block serves, no hole is too small
-            need = cfg.region_size(F[pending[0]])
+            need = region[pending[0]]
             for at, length in holes():
                 if length < need:
                     cat[at:at + length] = EXTERNAL
@@ -401,7 +387,7 @@ def simulate_allocation(workload: Workload, policy: str = "paged", capacity_toke
     cfg = AllocationConfig(policy, capacity_tokens, max_seq_len, block_size, fit, watermark)
     P, O, arrive, order = _prepare(workload)
     F = [p + o for p, o in zip(P, O)]
-    rejected = cfg.rejects(workload.total_len).tolist()
+    rejected = cfg.never_fits(workload.total_len).tolist()
     queue = [j for j in order if not rejected[j]]  # rejected ones would leave the head at once
     if cfg.paged:
         return _fast_paged(cfg, workload, P, O, F, arrive, queue)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from kvlab import workloads as W
-from kvlab.fragmentation import (CATEGORIES, INTERNAL, POLICIES, RESERVED, TOKEN, simulate_allocation,
-                                 simulate_allocation_reference)
+from kvlab.fragmentation import (CATEGORIES, INTERNAL, POLICIES, RESERVED, TOKEN, AllocationConfig,
+                                 simulate_allocation, simulate_allocation_reference)
 
 ENGINES = [simulate_allocation, simulate_allocation_reference]
 
@@ -243,3 +243,20 @@ def test_explorer_recomputes_when_a_control_changes():
     assert ex.results["max-reserve"].peak_batch_size == 26_214 // 512
     ex.workload.value = "alpaca-like"
     assert ex.results["paged"].num_completed == 300 and f"{ex.results['paged'].token_states:.1%}" in ex.readout.value
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_region_sizes_and_never_fits_by_brute_force(policy):
+    cfg = AllocationConfig(policy, capacity_tokens=60, max_seq_len=80, block_size=16)  # paged: 3 whole blocks
+    final = np.arange(1, 100)
+    for f, size, never in zip(final.tolist(), cfg.region_sizes(final), cfg.never_fits(final)):
+        pow2 = 1
+        while pow2 < f:
+            pow2 *= 2
+        if policy == "paged":
+            expected_never = f > 80 or -(-f // 16) > 3
+        else:
+            expected = {"max-reserve": 80, "pow2": min(pow2, 80), "oracle": f}[policy]
+            assert size == expected, (f, size)
+            expected_never = f > 80 or expected > 60
+        assert never == expected_never, f
