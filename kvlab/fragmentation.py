@@ -60,6 +60,8 @@ from itertools import accumulate
 
 import numpy as np
 
+from kvlab.memory import GiB, kv_bytes_per_token
+from kvlab.model.spec import ModelSpec
 from kvlab.workloads import Workload
 
 POLICIES = ("max-reserve", "pow2", "oracle", "paged")
@@ -603,3 +605,39 @@ def _fast_paged(cfg, wl, P, O, F, arrive, queue):
     admit_all, finish_all = np.full(n, -1), np.full(n, -1)
     admit_all[queue], finish_all[queue] = admit, finish
     return _result(cfg, wl, sums, t_end + 1, busy, running_steps, peak, preemptions, admit_all, finish_all)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's experiment: its setting, every policy on one trace, the block-size trade-off.
+# ---------------------------------------------------------------------------------------------
+
+PAPER_NAMES = {"max-reserve": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)", "paged": "vLLM"}
+# vLLM paper (Kwon et al., SOSP 2023), Figure 2 and §1: share of KV memory holding token states
+# in the §6.2 experiment (OPT-13B, A100-40GB, ShareGPT). The text gives the Orca range 20.4%-38.2%.
+PAPER_TOKEN_STATES = {"max-reserve": 0.204, "oracle": 0.382, "paged": 0.963}
+
+
+def opt13b_capacity_tokens(kv_gib: float = 12.0) -> int:
+    """KV slots in `kv_gib` GiB for OPT-13B in fp16 (the paper's setting: ~12 GB of KV on an A100-40GB)."""
+    return int(kv_gib * GiB // kv_bytes_per_token(ModelSpec.preset("opt-13b")))
+
+
+def run_policies(workload, capacity_tokens: int, max_seq_len: int = 2048, block_size: int = 16,
+                 policies=POLICIES) -> dict[str, AllocationResult]:
+    """policy -> result, the same workload through each."""
+    return {p: simulate_allocation(workload, p, capacity_tokens, max_seq_len, block_size) for p in policies}
+
+
+def block_size_sweep(workload, capacity_tokens: int, max_seq_len: int = 2048,
+                     block_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict[str, np.ndarray]:
+    """Paged only, per block size: unfilled share of held slots, block-table entries per request, batch size."""
+    slack, entries, batch = [], [], []
+    for b in block_sizes:
+        r = simulate_allocation(workload, "paged", capacity_tokens, max_seq_len, b)
+        s = r.slot_steps
+        held = s["token_states"] + s["reservation"] + s["internal_fragmentation"]
+        slack.append((held - s["token_states"]) / held if held else 0.0)  # the unfilled tail of last blocks
+        entries.append(held / b / r.running_steps if r.running_steps else 0.0)  # blocks = table entries
+        batch.append(r.mean_batch_size)
+    return {"block_size": np.array(block_sizes), "unfilled_share": np.array(slack),
+            "table_entries": np.array(entries), "mean_batch_size": np.array(batch)}

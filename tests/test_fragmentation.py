@@ -1,5 +1,8 @@
 """kvlab.fragmentation: hand-worked traces, conservation, the event-driven engine against the stepper."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -228,7 +231,8 @@ def test_reference_refuses_huge_maps():
 def test_explorer_recomputes_when_a_control_changes():
     import matplotlib
     matplotlib.use("Agg")
-    from kvlab.ui.fragmentation import FragmentationExplorer, opt13b_capacity_tokens
+    from kvlab.fragmentation import opt13b_capacity_tokens
+    from kvlab.ui.fragmentation import FragmentationExplorer
 
     ex = FragmentationExplorer(n=300, seed=0)
     assert ex.image.value[:8] == b"\x89PNG\r\n\x1a\n" and "max-reserve" in ex.readout.value
@@ -260,3 +264,25 @@ def test_region_sizes_and_never_fits_by_brute_force(policy):
             assert size == expected, (f, size)
             expected_never = f > 80 or expected > 60
         assert never == expected_never, f
+
+
+def test_simulator_and_benchmark_need_no_widgets():
+    """kvlab.fragmentation and its benchmark run without ipywidgets (the course extra)."""
+    code = ("import sys; sys.modules['ipywidgets'] = None\n"   # any `import ipywidgets` now raises ImportError
+            "import kvlab.bench.fragmentation as b, kvlab.fragmentation as f\n"
+            "assert 'kvlab.ui.fragmentation' not in sys.modules and f.opt13b_capacity_tokens(12.0) == 15_728\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_block_size_sweep_against_single_runs():
+    from kvlab.fragmentation import block_size_sweep
+    wl = small_trace(seed=1, n=40)
+    sweep = block_size_sweep(wl, 400, max_seq_len=128, block_sizes=(1, 16))
+    assert sweep["unfilled_share"][0] == 0.0             # blocks of one token: never an unfilled tail
+    r = simulate_allocation(wl, "paged", 400, 128, 16)
+    s = r.slot_steps
+    held = s["token_states"] + s["reservation"] + s["internal_fragmentation"]
+    assert sweep["unfilled_share"][1] == (held - s["token_states"]) / held > 0
+    assert sweep["table_entries"][1] == held / 16 / r.running_steps
+    assert sweep["mean_batch_size"][1] == r.mean_batch_size

@@ -1,7 +1,7 @@
 """Figures and the interactive explorer of notebook 04 (KV memory fragmentation).
 
-Every number comes from `kvlab.fragmentation` and `kvlab.workloads`; this module
-only runs those and draws.
+Every number comes from `kvlab.fragmentation` and `kvlab.workloads` (the simulator, the
+paper's setting, `run_policies`, `block_size_sweep`); this module only draws them.
 
     from kvlab.ui.fragmentation import FragmentationExplorer, plot_breakdown, plot_memory_maps
     FragmentationExplorer()          # display it in a notebook; .update() recomputes
@@ -19,31 +19,15 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from kvlab import workloads
-from kvlab.fragmentation import CATEGORIES, POLICIES, USED_OR_LOST, AllocationResult, simulate_allocation
-from kvlab.memory import GiB, kv_bytes_per_token
-from kvlab.model.spec import ModelSpec
+from kvlab.fragmentation import (CATEGORIES, PAPER_NAMES, PAPER_TOKEN_STATES, USED_OR_LOST, AllocationResult,
+                                 opt13b_capacity_tokens, run_policies)
 
 COLORS = {"free": "#f2f2f2", "token_states": "#4c72b0", "reservation": "#8fbce6",
           "internal_fragmentation": "#dd8452", "external_fragmentation": "#c44e52"}
 LABELS = {"free": "free", "token_states": "token states", "reservation": "reservation",
           "internal_fragmentation": "internal fragmentation", "external_fragmentation": "external fragmentation"}
-PAPER_NAMES = {"max-reserve": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)", "paged": "vLLM"}
-# vLLM paper (Kwon et al., SOSP 2023), Figure 2 and §1: share of KV memory holding token states
-# in the §6.2 experiment (OPT-13B, A100-40GB, ShareGPT). The text gives the Orca range 20.4%-38.2%.
-PAPER_TOKEN_STATES = {"max-reserve": 0.204, "oracle": 0.382, "paged": 0.963}
 WORKLOADS = {"sharegpt-like": workloads.sharegpt_like, "alpaca-like": workloads.alpaca_like,
              "uniform": workloads.uniform}
-
-
-def opt13b_capacity_tokens(kv_gib: float = 12.0) -> int:
-    """KV slots in `kv_gib` GiB for OPT-13B in fp16 (the paper's setting: ~12 GB of KV on an A100-40GB)."""
-    return int(kv_gib * GiB // kv_bytes_per_token(ModelSpec.preset("opt-13b")))
-
-
-def run_policies(workload, capacity_tokens: int, max_seq_len: int = 2048, block_size: int = 16,
-                 policies=POLICIES) -> dict[str, AllocationResult]:
-    """policy -> result, the same workload through each."""
-    return {p: simulate_allocation(workload, p, capacity_tokens, max_seq_len, block_size) for p in policies}
 
 
 def plot_memory_map(result: AllocationResult, ax=None, title: str | None = None):
@@ -124,21 +108,6 @@ def plot_batch_sizes(results: dict[str, AllocationResult], ax=None, labels: bool
     ax.legend(fontsize=7)
     ax.set_title("batch size the memory allows", fontsize=10)
     return ax
-
-
-def block_size_sweep(workload, capacity_tokens: int, max_seq_len: int = 2048,
-                     block_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict[str, np.ndarray]:
-    """Paged only, per block size: unfilled share of held slots, block-table entries per request, batch size."""
-    slack, entries, batch = [], [], []
-    for b in block_sizes:
-        r = simulate_allocation(workload, "paged", capacity_tokens, max_seq_len, b)
-        s = r.slot_steps
-        held = s["token_states"] + s["reservation"] + s["internal_fragmentation"]
-        slack.append((held - s["token_states"]) / held if held else 0.0)  # the unfilled tail of last blocks
-        entries.append(held / b / r.running_steps if r.running_steps else 0.0)  # blocks = table entries
-        batch.append(r.mean_batch_size)
-    return {"block_size": np.array(block_sizes), "unfilled_share": np.array(slack),
-            "table_entries": np.array(entries), "mean_batch_size": np.array(batch)}
 
 
 def plot_block_size_sweep(sweep: dict, ax=None):
