@@ -400,7 +400,9 @@ def test_can_allocate_counts_hits_that_are_in_use():
     alloc.allocate_sequence("a", [1, 2, 3, 4, 5])                        # 3 blocks, none free
     assert alloc.num_free_blocks == 0
     assert alloc.can_allocate([1, 2, 3]) is False                        # hit block 0, needs 1 new
+    assert alloc.free_blocks_needed([1, 2, 3]) == 1 and alloc.free_blocks_needed([7, 8, 9]) == 2
     alloc.free_sequence("a")
+    assert alloc.free_blocks_needed([1, 2, 3]) == 2                      # the hit now sits free: it costs one
     alloc.allocate_sequence("a2", [1, 2, 3, 4, 9])                       # hits 0, 1 (cached free)
     assert alloc.num_cached_tokens("a2") == 4 and alloc.num_free_blocks == 0
 
@@ -489,10 +491,34 @@ def test_replay_matches_brute_force_lengths():
     assert (stats.steps, stats.peak_running, stats.preemptions, stats.prompt_tokens) == (4, 3, 0, 16)
 
 
-def test_replay_preempts_when_the_pool_runs_dry_and_still_finishes():
+def test_replay_preempts_the_newest_and_recomputes_it_with_its_generated_tokens():
+    """Worked by hand. Pool of 4 blocks of 2 (watermark int(0.01 * 4) = 0 blocks). Request 0:
+    prompt 2, output 5; request 1: prompt 2, output 3. A request holds prompt + tokens produced
+    (the last one is never appended: it finishes instead).
+      step 1: admit 0 and 1 (1 block each); each produces and appends a token (3 held, 2 blocks each): 4 used
+      step 2: each appends its 2nd token into its partly filled block (4 held): 4 used
+      step 3: 0 produces its 3rd token, needs a 3rd block, none free: preempt the newest (1, holding
+              2 blocks, 2 tokens generated); 0 appends (5 held, 3 blocks): 3 used
+      step 4: 1 needs 2 blocks to come back (prompt 2 + generated 2), 1 free: waits; 0 appends (6 held): 3 used
+      step 5: 0 produces its 5th token and finishes: 0 used
+      step 6: 1 is re-admitted with 2 + 2 tokens (4 recomputed), produces its 3rd token and finishes: 0 used
+    Appended while decoding: 0 -> 4 (steps 1-4), 1 -> 2 (steps 1-2); restarting 1's output from
+    zero (as the old code did) would have appended 4 to it and taken 8 steps."""
     from kvlab.paged.trace import replay
-    stats = replay([[1] * 6] * 4, [10] * 4, num_blocks=8, block_size=4)
-    assert stats.preemptions > 0 and stats.running[-1] == 0 and stats.peak_blocks <= 8
+    stats = replay([[1] * 2, [2] * 2], [5, 3], num_blocks=4, block_size=2)
+    assert (stats.steps, stats.preemptions, stats.appended) == (6, 1, [4, 2])
+    assert stats.used_blocks == [4, 4, 3, 3, 0, 0] and stats.running == [2, 2, 1, 1, 0, 0]
+    assert (stats.prompt_tokens, stats.recomputed_tokens, stats.peak_running) == (2 + 2 + 4, 4, 2)
+
+
+def test_replay_admission_keeps_the_watermark_free_while_anything_runs():
+    """Pool of 4 blocks of 2, three requests of prompt 4 (2 blocks), output 1. Watermark 0: two
+    fit at once (2 + 2 blocks), two steps. Watermark 0.25 (1 block): the second would leave 0 < 1
+    free while the first runs, so they run one at a time, three steps; an empty pool ignores it."""
+    from kvlab.paged.trace import replay
+    trace = ([[1] * 4] * 3, [1] * 3)
+    assert [(s.steps, s.peak_running) for s in (replay(*trace, num_blocks=4, block_size=2, watermark=w)
+                                                for w in (0.0, 0.25))] == [(2, 2), (3, 1)]
 
 
 def test_replay_prefix_cache_hits_on_a_shared_prefix():

@@ -81,6 +81,7 @@ class BlockAllocator:
     can_append / append / deallocate):
 
         can_allocate(token_ids) -> bool      allocate_sequence(seq_id, token_ids) -> block table
+        free_blocks_needed(token_ids) -> int (what can_allocate compares with num_free_blocks)
         can_append(seq_id) -> bool           append_token(seq_id, token_id) -> slot
         fork(parent_id, child_id)            free_sequence(seq_id)
         pop_copies() -> [(src, dst), ...]    copy-on-write copies the cache must perform
@@ -163,10 +164,14 @@ class BlockAllocator:
 
     # ------------------------------------------------------------------ allocate
 
+    def free_blocks_needed(self, token_ids: Sequence[int]) -> int:
+        """Free blocks allocate_sequence(…, token_ids) would take now: new blocks, plus prefix-cache
+        hits that sit free (reusing them takes them out of the free pool); hits in use cost none."""
+        return self._free_blocks_needed(self._check_tokens(token_ids))
+
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         """Would allocate_sequence(…, token_ids) succeed now? (Counts prefix-cache hits.)"""
-        token_ids = self._check_tokens(token_ids)
-        return self._free_blocks_needed(token_ids) <= self.num_free_blocks
+        return self.free_blocks_needed(token_ids) <= self.num_free_blocks
 
     def allocate_sequence(self, seq_id: SeqId, token_ids: Sequence[int]) -> list[int]:
         """Give a new sequence the blocks for its prompt; return its block table.
