@@ -69,11 +69,6 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    @property
-    def bytes_per_block(self) -> int:
-        """Bytes of one block across all layers, keys and values."""
-        return self.nbytes // self.num_blocks
-
     def k_cache(self, layer_idx: int) -> torch.Tensor:
         """(num_blocks, block_size, num_kv_heads, head_dim), a view."""
         return self.kv[0, layer_idx]
