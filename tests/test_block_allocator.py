@@ -574,3 +574,15 @@ def test_blocks_to_append_matches_appending_on_a_copy():
         for s in ids:
             trial.append_token(s, 2)
         assert blocks_to_append(alloc, ids) == alloc.num_free_blocks - trial.num_free_blocks
+
+
+def test_notebook_log_lists_non_contiguous_slots_as_runs():
+    """Notebook 05's log once printed "slots 10..26" for an append that wrote slots 10, 11, 24, 25, 26.
+    Setup: pool of 8 blocks of 4; A holds 10 tokens (blocks 0-2), B takes block 3, then A appends 5:
+    2 slots in block 2, then a new block 4 (slots 16-18). The line lists the runs, read back by alloc.slot."""
+    from kvlab.ui.paged import apply_op, replay_ops, slot_ranges
+    alloc, log = replay_ops([("allocate", "A", 10), ("allocate", "B", 3)], num_blocks=8, block_size=4)
+    line = apply_op(alloc, ("append", "A", 5))
+    assert [alloc.slot("A", p) for p in range(10, 15)] == [10, 11, 16, 17, 18]
+    assert line == "append 5 to A: slots 10..11, 16..18, table [0, 1, 2, 4]"
+    assert (slot_ranges([7]), slot_ranges([1, 3, 4, 6])) == ("7", "1, 3..4, 6")

@@ -111,6 +111,17 @@ def draw_mapping(alloc: BlockAllocator, seq_ids: Sequence | None = None, ax=None
     return ax
 
 
+def slot_ranges(slots: Sequence[int]) -> str:
+    """Slots as runs of consecutive numbers: [10, 11, 24, 25, 26] -> "10..11, 24..26"."""
+    runs: list[list[int]] = []
+    for x in slots:
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
 def apply_op(alloc: BlockAllocator, op: tuple, token: int = 0) -> str:
     """Do one operation; return a line saying what happened."""
     kind = op[0]
@@ -124,7 +135,7 @@ def apply_op(alloc: BlockAllocator, op: tuple, token: int = 0) -> str:
         _, s, n = op
         slots = [alloc.append_token(s, token) for _ in range(n)]
         copies = alloc.pop_copies()
-        msg = f"append {n} to {s}: slots {slots[0]}..{slots[-1]}, table {alloc.block_table(s)}"
+        msg = f"append {n} to {s}: slots {slot_ranges(slots)}, table {alloc.block_table(s)}"
         return msg + (f"; copy-on-write {copies}" if copies else "")
     if kind == "fork":
         _, parent, child = op
