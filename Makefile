@@ -1,4 +1,4 @@
-# Two commands for a fresh machine (Python 3.10+ with pip):
+# Two commands for a fresh Linux machine (Python 3.11+ with pip):
 #   make lab    set everything up, then open the course in JupyterLab
 #   make test   set everything up, then run every test and every notebook (pytest --nbval)
 # Both are idempotent: set-up runs again only when pyproject.toml changes.

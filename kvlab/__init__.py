@@ -1,7 +1,8 @@
 """kvlab: how LLM inference engines work, and a small real one.
 
-Names are imported lazily, so `import kvlab` is quick and does not pull in
-Triton, matplotlib or ipywidgets until a chapter asks for them.
+Names are imported lazily: `import kvlab` loads torch (to decide how Triton will
+run, see below) but not transformers, Triton, matplotlib or ipywidgets until a
+chapter asks for them.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def test_split_k_partition_does_not_change_the_result():
        kv_heads=st.integers(1, 2), head_dim=st.sampled_from([16, 32, 48, 64]),
        block_size=st.sampled_from([1, 8, 16, 32]), lens=st.lists(st.integers(0, 90), min_size=1, max_size=3),
        splits=st.sampled_from([None, 1, 2, 5]), dtype=st.sampled_from([torch.float32, torch.float16]))
-def test_kernel_matches_brute_force_on_random_problems(seed, group, kv_heads, head_dim, block_size, lens,
+def test_kernel_matches_reference_on_random_problems(seed, group, kv_heads, head_dim, block_size, lens,
                                                       splits, dtype):
     gen = torch.Generator().manual_seed(seed)
     args = make_case(lens, group * kv_heads, kv_heads, head_dim, block_size, dtype, gen=gen)
@@ -286,7 +286,7 @@ def test_import_sets_interpreter_without_gpu():
     assert out.stdout.split() == ["True", "1"]
     code = "import triton, kvlab.kernels as k; print(k.INTERPRET)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False"] and "imported (by transformers, say) before" in out.stderr
+    assert out.stdout.split() == ["False"] and "imported before TRITON_INTERPRET=1" in out.stderr
 
 
 # ---------------------------------------------------------------------------- the real model

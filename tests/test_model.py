@@ -164,3 +164,25 @@ def test_spec_invariants():
     with pytest.raises(ValueError, match="multiple of"):
         kvlab.ModelSpec(name="x", num_layers=1, hidden_size=64, num_heads=6, num_kv_heads=4, head_dim=16,
                         intermediate_size=64, vocab_size=10)
+
+
+def test_spec_attention_kind_is_read_off_the_head_counts():
+    """Regression: ModelSpec(num_heads=8, num_kv_heads=2) without `attention` used to be labelled "mha"."""
+    shape = dict(name="x", num_layers=1, hidden_size=64, head_dim=8, intermediate_size=64, vocab_size=10)
+    assert kvlab.ModelSpec(num_heads=8, num_kv_heads=2, **shape).attention == "gqa"
+    assert kvlab.ModelSpec(num_heads=8, num_kv_heads=1, **shape).attention == "mqa"
+    assert kvlab.ModelSpec(num_heads=8, num_kv_heads=8, **shape).attention == "mha"
+    with pytest.raises(ValueError, match="make it 'gqa'"):
+        kvlab.ModelSpec(num_heads=8, num_kv_heads=2, attention="mha", **shape)
+
+
+def test_sliding_window_model_refuses_positions_past_its_window():
+    """kvlab's attention has no window: past it, logits would silently differ from HF's, so it refuses."""
+    config = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    model = kvlab.Transformer.from_hf(hf)
+    ids = random_ids(128, 1, 8)
+    torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)   # up to the window: equal
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+        model(random_ids(128, 1, 9))

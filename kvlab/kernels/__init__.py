@@ -6,39 +6,32 @@
 
 One source runs everywhere: compiled on a CUDA GPU, and on a machine without
 one through Triton's interpreter. The interpreter is chosen by the environment
-variable TRITON_INTERPRET=1, which Triton reads when it is *imported*, so this
-package sets it (when no CUDA GPU is present) before anything imports triton.
+variable TRITON_INTERPRET=1, which Triton reads when it is *imported*, so
+`import kvlab` sets it (when no CUDA GPU is present) before anything imports triton.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 
 
 def _choose_triton_mode() -> bool:
-    """Set TRITON_INTERPRET=1 when no CUDA GPU is present; return True if interpreting."""
+    """True when Triton runs interpreted. `import kvlab` has already set TRITON_INTERPRET=1
+    where there is no CUDA GPU, unless triton had been imported before kvlab."""
     import torch
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    if torch.cuda.is_available():
-        return False
-    if "triton" in sys.modules:
-        # e.g. `from transformers import LlamaForCausalLM` imports triton. Triton's own
-        # @triton.jit helpers (tl.zeros, tl.sum, ...) were then made for a GPU, and the
-        # interpreter cannot run kernels that call them.
+    if not torch.cuda.is_available():
         warnings.warn(
-            "kvlab.kernels: no CUDA GPU, and triton was imported (by transformers, say) before "
-            "TRITON_INTERPRET=1 could be set, so kvlab's Triton kernels cannot run in this process. "
-            "Export TRITON_INTERPRET=1, or import kvlab.kernels before transformers/triton.",
+            "kvlab.kernels: no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 "
+            "could be set, so Triton kernels cannot run here. Set TRITON_INTERPRET=1 in the "
+            "environment (or import kvlab before transformers and triton).",
             RuntimeWarning,
             stacklevel=3,
         )
-        return False
-    os.environ["TRITON_INTERPRET"] = "1"
-    return True
+    return False
 
 
 INTERPRET = _choose_triton_mode()

@@ -71,6 +71,8 @@ def step_bytes(spec: ModelSpec, new_tokens: int, context: int = 0, batch_size: i
 
 def arithmetic_intensity(spec: ModelSpec, new_tokens: int, context: int = 0, batch_size: int = 1,
                          dtype_bytes: int = 2) -> float:
-    """FLOPs per byte moved for one step: compare with a GPU's FLOP/s ÷ bytes/s (about 295 for an H100)."""
+    """FLOPs per byte moved for one step. Compare with a GPU's ridge point, FLOP/s ÷ bytes/s: for an
+    H100 SXM about 295 from the datasheet (989 TFLOP/s dense bf16 ÷ 3.35 TB/s), about 260 from what
+    this project measured on one (790 TFLOP/s ÷ 3.0 TB/s). Below it a step is memory-bound."""
     flops = forward_flops(spec, new_tokens, context, batch_size).total
     return flops / step_bytes(spec, new_tokens, context, batch_size, dtype_bytes)

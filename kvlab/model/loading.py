@@ -186,11 +186,10 @@ def _load_pretrained(path: str | Path, dtype: torch.dtype):
 def _tiny_model(name: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer_dir = smollm2_path()
     config_kwargs = dict(TINY_CONFIGS[name])
+    # the real SmolLM2 tokenizer's vocabulary and special ids (bos 1, eos = pad 2)
     config = AutoConfig.for_model(config_kwargs.pop("model_type"), vocab_size=49152,
                                   bos_token_id=1, eos_token_id=2, pad_token_id=2, **config_kwargs)
-    assert (tokenizer_dir / "tokenizer.json").exists()
     with torch.random.fork_rng():
         torch.manual_seed(TINY_SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

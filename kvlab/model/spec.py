@@ -28,7 +28,7 @@ class ModelSpec:
     head_dim: int                       # width of one query/key head
     intermediate_size: int              # FFN inner width (per expert for MoE models)
     vocab_size: int
-    attention: str = "mha"              # "mha" | "gqa" | "mqa" | "mla"
+    attention: str | None = None        # "mha" | "gqa" | "mqa" | "mla"; None: read off the head counts
     kv_lora_rank: int | None = None     # MLA: width of the cached compressed KV latent
     qk_rope_head_dim: int | None = None # MLA: width of the decoupled RoPE key, cached beside the latent
     v_head_dim: int | None = None       # MLA: value head width (not cached: V is rebuilt from the latent)
@@ -43,8 +43,16 @@ class ModelSpec:
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelSpec {self.name!r}: {field} must be a positive integer, got {value!r}")
-        if self.attention not in ATTENTION_KINDS:
+        implied = _attention_kind(self.num_heads, self.num_kv_heads, self.kv_lora_rank)
+        if self.attention is None:
+            object.__setattr__(self, "attention", implied)   # frozen dataclass: set once, here
+        elif self.attention not in ATTENTION_KINDS:
             raise ValueError(f"ModelSpec {self.name!r}: attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        elif self.attention != implied:
+            raise ValueError(
+                f"ModelSpec {self.name!r}: attention={self.attention!r} does not match the shapes: "
+                f"{self.num_heads} query heads, {self.num_kv_heads} KV heads"
+                f"{f', kv_lora_rank {self.kv_lora_rank}' if self.kv_lora_rank else ''} make it {implied!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelSpec {self.name!r}: num_heads ({self.num_heads}) must be a multiple of "

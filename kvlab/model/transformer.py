@@ -101,6 +101,11 @@ class Transformer:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        window = self.spec.sliding_window
+        if window is not None and int(positions.max()) >= window:
+            raise ValueError(f"{self.spec.name}: position {int(positions.max())} is past the model's sliding window "
+                             f"of {window} tokens; kvlab's attention attends to every earlier token, so it only "
+                             f"matches this model for sequences of up to {window} tokens")
         attn = attn or causal_attention
         x = self.embed(input_ids, positions)                 # (B, T, H)
         for i in range(len(self.layers)):
