@@ -17,7 +17,7 @@ from the latent, so there is no separate V:
 With sliding-window attention a layer only attends to the last `sliding_window` tokens,
 so a request's cache stops growing there.
 
-The seed's rule of thumb `num_layers * 2 * hidden_size * bytes` is the MHA case
+The common rule of thumb `num_layers * 2 * hidden_size * bytes` is the MHA case
 (hidden_size == num_heads * head_dim); for GQA it overstates by num_heads / num_kv_heads.
 
 `memory_plan` turns this into a serving budget per GPU, the way vLLM does: a fraction
@@ -160,8 +160,8 @@ def kv_cache_bytes(spec: ModelSpec, seq_len: int, batch_size: int = 1, kv_dtype=
     return batch_size * cached_tokens(spec, seq_len) * kv_bytes_per_token(spec, kv_dtype, tensor_parallel)
 
 
-def seed_formula_bytes_per_token(spec: ModelSpec, kv_dtype="float16") -> int:
-    """The seed's rule of thumb, num_layers * 2 * hidden_size * bytes: right for MHA only."""
+def rule_of_thumb_bytes_per_token(spec: ModelSpec, kv_dtype="float16") -> int:
+    """The common rule of thumb, num_layers * 2 * hidden_size * bytes: right for MHA only."""
     return math.ceil(spec.num_layers * 2 * spec.hidden_size * dtype_bits(kv_dtype) / 8)
 
 

@@ -7,7 +7,7 @@ import torch
 
 import kvlab
 from kvlab.memory import (GiB, MiB, DEFAULT_RESERVE_BYTES, kv_heads_per_gpu, measured_cache_bytes,
-                          seed_formula_bytes_per_token, weight_bytes)
+                          rule_of_thumb_bytes_per_token, weight_bytes)
 
 # Bytes per token at fp16 (2 bytes an element), derived by hand from each published config:
 #   MHA/GQA/MQA: num_hidden_layers * 2 (K and V) * num_key_value_heads * head_dim * 2
@@ -79,23 +79,23 @@ def test_presets_agree_with_from_hf_config(name):
     assert read.replace(source=preset.source, num_params=read.num_params or preset.num_params) == preset
 
 
-def test_seed_numbers_for_llama_7b():
+def test_numbers_usually_quoted_for_llama_7b():
     spec = kvlab.ModelSpec.preset("llama-2-7b")
     assert kvlab.kv_bytes_per_token(spec, "float16") == 524_288 == 512 * 1024
     assert kvlab.kv_cache_bytes(spec, 1024, kv_dtype="float16") == 512 * MiB
     assert kvlab.kv_cache_bytes(spec, 1024, batch_size=10, kv_dtype="float16") == 5 * GiB
 
 
-def test_seed_formula_overstates_gqa_by_head_ratio():
+def test_rule_of_thumb_overstates_gqa_by_head_ratio():
     for name in kvlab.list_presets():
         spec = kvlab.ModelSpec.preset(name)
         if spec.attention == "mla":
             continue
-        seed, real = seed_formula_bytes_per_token(spec), kvlab.kv_bytes_per_token(spec)
-        # seed / real == num_heads / num_kv_heads (exactly, since hidden = num_heads * head_dim here)
-        assert seed * spec.num_kv_heads == real * spec.num_heads, name
+        thumb, real = rule_of_thumb_bytes_per_token(spec), kvlab.kv_bytes_per_token(spec)
+        # thumb / real == num_heads / num_kv_heads (exactly, since hidden = num_heads * head_dim here)
+        assert thumb * spec.num_kv_heads == real * spec.num_heads, name
     llama3 = kvlab.ModelSpec.preset("llama-3-8b")
-    assert seed_formula_bytes_per_token(llama3) == 4 * kvlab.kv_bytes_per_token(llama3)
+    assert rule_of_thumb_bytes_per_token(llama3) == 4 * kvlab.kv_bytes_per_token(llama3)
 
 
 @pytest.mark.parametrize("dtype, bits", [("float32", 32), ("fp32", 32), ("float16", 16), ("bfloat16", 16),
