@@ -226,7 +226,7 @@ def test_tp_error_lists_allowed_degrees():
 def _cache_after_prefill(model, input_ids):
     with torch.no_grad():
         out = model(input_ids, use_cache=True)
-    return out["cache"] if "cache" in out else out.past_key_values
+    return out.cache                       # transformers >= 5.24 (4.x called it past_key_values)
 
 
 def test_measured_equals_predicted_gqa_tiny_llama():
