@@ -48,3 +48,18 @@ def test_contiguous_and_paged_triton_decoding_equal_hf_generate_on_gpu():
     paged = greedy_generate_paged(model, prompts, 24, block_size=16, seed=0, decode_attention=paged_attention)
     assert contiguous == expected
     assert paged == expected
+
+
+def test_paged_cache_write_on_gpu_uses_the_kernel_and_equals_the_cpu_scatter():
+    """PagedKVCache.write on CUDA goes through kvlab.kernels.store_kv; the CPU path is its reference."""
+    from kvlab.paged import PagedKVCache
+
+    gpu = PagedKVCache(num_layers=2, num_blocks=8, block_size=16, num_kv_heads=2, head_dim=64,
+                       dtype=torch.float16, device="cuda")
+    cpu = PagedKVCache(num_layers=2, num_blocks=8, block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16)
+    slots = torch.tensor([3, 17, -1, 100, 127, 40])
+    k, v = torch.randn(2, 6, 2, 64).unbind(0)
+    for layer in (0, 1):
+        gpu.write(layer, slots.cuda(), k.cuda(), v.cuda())
+        cpu.write(layer, slots, k, v)
+    assert torch.equal(gpu.kv.cpu(), cpu.kv)
