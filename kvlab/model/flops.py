@@ -24,6 +24,25 @@ from kvlab.model.spec import ModelSpec
 
 
 @dataclass(frozen=True)
+class GpuPeak:
+    """A GPU's two ceilings, and the arithmetic intensity where they meet (the roofline's ridge)."""
+    name: str
+    bf16_tflops: float           # dense bf16 tensor-core FLOP/s, in TFLOP/s
+    memory_tb_per_s: float       # memory bandwidth, in TB/s
+    source: str
+
+    @property
+    def ridge_flops_per_byte(self) -> float:
+        """Below this many FLOPs per byte moved, a kernel is memory-bound on this GPU."""
+        return self.bf16_tflops / self.memory_tb_per_s
+
+
+# The one peak the course quotes for the H100 (notebooks 02 and 06 both read it from here).
+H100_SXM = GpuPeak("H100 SXM5 80GB", bf16_tflops=989.4, memory_tb_per_s=3.35,
+                   source="NVIDIA H100 Tensor Core GPU datasheet (dense BF16, without sparsity; HBM3)")
+
+
+@dataclass(frozen=True)
 class FlopCount:
     projections: int
     attention: int
@@ -72,7 +91,7 @@ def step_bytes(spec: ModelSpec, new_tokens: int, context: int = 0, batch_size: i
 def arithmetic_intensity(spec: ModelSpec, new_tokens: int, context: int = 0, batch_size: int = 1,
                          dtype_bytes: int = 2) -> float:
     """FLOPs per byte moved for one step. Compare with a GPU's ridge point, FLOP/s ÷ bytes/s: for an
-    H100 SXM about 295 from the datasheet (989 TFLOP/s dense bf16 ÷ 3.35 TB/s), about 260 from what
-    this project measured on one (790 TFLOP/s ÷ 3.0 TB/s). Below it a step is memory-bound."""
+    H100 SXM about 295 (`H100_SXM`: 989 TFLOP/s dense bf16 ÷ 3.35 TB/s, from the datasheet).
+    Below it a step is memory-bound."""
     flops = forward_flops(spec, new_tokens, context, batch_size).total
     return flops / step_bytes(spec, new_tokens, context, batch_size, dtype_bytes)
