@@ -87,6 +87,8 @@ class Transformer:
         self.rope_theta = rope_theta              # Llama only
         self.head_dim = spec.head_dim
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
+        if rope_theta is not None:       # cos/sin of every position up to the model's maximum, once
+            self._build_rope_table(spec.max_position_embeddings or 4096)
 
     # ----------------------------------------------------------------- the whole pass
     @torch.inference_mode()
@@ -101,16 +103,40 @@ class Transformer:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        self.check_positions(int(positions.max()) if positions.numel() else 0)
+        return self.forward(input_ids, positions, attn or causal_attention)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The pass itself, with no checks and no host-device syncs (the engine's hot path, and
+        what a CUDA graph captures).
+
+        input_ids and positions: (B, T), or one flattened batch (N,) of every token scheduled
+        in an engine step (many sequences, no padding: `attn` knows where each one starts).
+        logits_indices: flat indices of the tokens whose logits are wanted (the last token of
+        each sequence that samples); None: every token's. Returns (*input_ids.shape, vocab), or
+        (len(logits_indices), vocab): the LM head, the largest matmul of a small model, then
+        runs on those rows only (nanoGPT's `x[:, [-1], :]` in generate).
+        """
+        rope = self.rope(positions)                          # cos/sin looked up once, used by every layer
+        x = self.embed(input_ids, positions)                 # (B, T, H) or (N, H)
+        for i in range(len(self.layers)):
+            x = self.block(x, i, positions, attn, rope=rope)
+        if logits_indices is not None:
+            x = x.reshape(-1, x.shape[-1])[logits_indices]   # (num_sampled, H)
+        return self.logits(x)                                # (..., vocab)
+
+    def check_positions(self, max_position: int) -> None:
+        """Refuse positions this model cannot compute as HF does (past its sliding window), and
+        grow the RoPE table if needed. The engine calls this once per request, not per step."""
         window = self.spec.sliding_window
-        if window is not None and int(positions.max()) >= window:
-            raise ValueError(f"{self.spec.name}: position {int(positions.max())} is past the model's sliding window "
+        if window is not None and max_position >= window:
+            raise ValueError(f"{self.spec.name}: position {max_position} is past the model's sliding window "
                              f"of {window} tokens; kvlab's attention attends to every earlier token, so it only "
                              f"matches this model for sequences of up to {window} tokens")
-        attn = attn or causal_attention
-        x = self.embed(input_ids, positions)                 # (B, T, H)
-        for i in range(len(self.layers)):
-            x = self.block(x, i, positions, attn)
-        return self.logits(x)                                # (B, T, vocab)
+        if self.rope_theta is not None and max_position >= self._rope_cos.shape[0]:
+            self._build_rope_table(max_position + 1)
 
     # ----------------------------------------------------------------- its parts
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -119,32 +145,33 @@ class Transformer:
             x = x + self.embed_positions[positions]          # GPT-2: learned absolute positions
         return x
 
-    def block(self, x: torch.Tensor, i: int, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
-        x = x + self.attention(x, i, positions, attn)        # mix information across tokens
+    def block(self, x: torch.Tensor, i: int, positions: torch.Tensor, attn: AttentionFn, rope=None) -> torch.Tensor:
+        x = x + self.attention(x, i, positions, attn, rope)  # mix information across tokens
         return x + self.ffn(x, i)                            # transform each token on its own
 
-    def qkv(self, x: torch.Tensor, i: int, positions: torch.Tensor):
+    def qkv(self, x: torch.Tensor, i: int, positions: torch.Tensor, rope=None):
         """Normalize, project and split into heads; RoPE on q and k for Llama.
-        x (B, T, H) -> q (B, T, Hq, D), k and v (B, T, Hkv, D)."""
+        x (B, T, H) -> q (B, T, Hq, D), k and v (B, T, Hkv, D); a flattened x (N, H) gives (N, heads, D).
+        rope: (cos, sin) from self.rope(positions), if the caller already looked them up."""
         layer = self.layers[i]
         h = layer.attn_norm(x)
-        B, T, _ = x.shape
+        lead = x.shape[:-1]                                  # (B, T) or (N,)
         if layer.qkv is not None:
             q, k, v = layer.qkv(h).split(self.num_heads * self.head_dim, dim=-1)
         else:
             q, k, v = layer.q(h), layer.k(h), layer.v(h)
-        q = q.view(B, T, self.num_heads, self.head_dim)      # (B, T, Hq, D)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)   # (B, T, Hkv, D)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        q = q.view(*lead, self.num_heads, self.head_dim)     # (B, T, Hq, D)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+            cos, sin = rope if rope is not None else self.rope(positions)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def attention(self, x: torch.Tensor, i: int, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
-        q, k, v = self.qkv(x, i, positions)
+    def attention(self, x: torch.Tensor, i: int, positions: torch.Tensor, attn: AttentionFn, rope=None) -> torch.Tensor:
+        q, k, v = self.qkv(x, i, positions, rope)
         out = attn(i, q, k, v, positions)                    # (B, T, Hq, D)
-        return self.layers[i].o(out.flatten(2))              # (B, T, H)
+        return self.layers[i].o(out.flatten(-2))             # (B, T, H)
 
     def ffn(self, x: torch.Tensor, i: int) -> torch.Tensor:
         layer = self.layers[i]
@@ -155,6 +182,19 @@ class Transformer:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(x))
+
+    # ----------------------------------------------------------------- rotary embeddings
+    def rope(self, positions: torch.Tensor):
+        """(cos, sin) for each position, shaped (*positions.shape, 1, D) to broadcast over heads;
+        None for GPT-2. A lookup in a table built once, so a forward pass computes no angles."""
+        if self.rope_theta is None:
+            return None
+        return self._rope_cos[positions][..., None, :], self._rope_sin[positions][..., None, :]
+
+    def _build_rope_table(self, num_positions: int) -> None:
+        positions = torch.arange(num_positions, device=self.embed_tokens.device)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, self.embed_tokens.dtype)
+        self._rope_cos, self._rope_sin = cos[:, 0], sin[:, 0]          # (num_positions, D)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -201,18 +241,18 @@ class Transformer:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """Rotary embedding angles for each position: cos and sin of shape (B, T, 1, D).
+    """Rotary embedding angles for each position: cos and sin of shape (*positions.shape, 1, D).
 
     Pair i of a head (dimensions i and i + D/2) rotates by angle position * theta^(-2i/D).
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq     # (B, T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)          # (B, T, D)
-    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+    angles = positions.float()[..., None] * inv_freq     # (..., D/2)
+    angles = torch.cat([angles, angles], dim=-1)          # (..., D)
+    return angles.cos().to(dtype)[..., None, :], angles.sin().to(dtype)[..., None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i+D/2}) pair of x (B, T, heads, D) by its position's angle."""
+    """Rotate each (x_i, x_{i+D/2}) pair of x (..., heads, D) by its position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
