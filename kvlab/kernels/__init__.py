@@ -1,8 +1,11 @@
 """Attention kernels on a paged KV cache: torch references and Triton kernels.
 
     paged_attention_reference  plain torch: gather K/V through the block table, then softmax
-    paged_attention            the Triton decode kernel (GQA, online softmax, split-K)
+    paged_attention            the Triton decode kernel (GQA, online softmax, split-K), every
+                               argument checked (values too: one device-to-host copy)
     store_kv / store_kv_reference  write new K/V into the paged cache through a slot mapping
+    paged_attention_launch, store_kv_launch  the same kernels with no checks and no host sync,
+                               for callers that built the metadata themselves (the engine)
 
 One source runs everywhere: compiled on a CUDA GPU, and on a machine without
 one through Triton's interpreter. The interpreter is chosen by the environment
@@ -39,9 +42,11 @@ INTERPRET = _choose_triton_mode()
 # Imported eagerly (after the line above), so that `kvlab.kernels.paged_attention` is the
 # function, not the submodule of the same name.
 from kvlab.kernels.paged_attention import (  # noqa: E402
-    KernelConfig, choose_num_splits, paged_attention, paged_attention_reference,
+    DEFAULT_CONFIG, KernelConfig, choose_num_splits, paged_attention, paged_attention_launch,
+    paged_attention_reference,
 )
-from kvlab.kernels.store_kv import store_kv, store_kv_reference  # noqa: E402
+from kvlab.kernels.store_kv import store_kv, store_kv_launch, store_kv_reference  # noqa: E402
 
-__all__ = ["INTERPRET", "KernelConfig", "choose_num_splits", "paged_attention",
-           "paged_attention_reference", "store_kv", "store_kv_reference"]
+__all__ = ["DEFAULT_CONFIG", "INTERPRET", "KernelConfig", "choose_num_splits", "paged_attention",
+           "paged_attention_launch", "paged_attention_reference", "store_kv", "store_kv_launch",
+           "store_kv_reference"]

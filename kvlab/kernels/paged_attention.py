@@ -18,12 +18,20 @@ Layout (the contract with kvlab.paged):
 Token t of sequence s sits at k_cache[block_tables[s, t // block_size], t % block_size].
 Query head h reads KV head h // (num_heads // num_kv_heads) (GQA; MHA and MQA are the
 two ends of it).
+
+Two entry points run the kernel: `paged_attention` checks everything (types, shapes,
+dtypes, and the values: lengths within the table, block ids within the cache, which costs
+one device-to-host copy) and then calls `paged_attention_launch`, which checks nothing, for
+callers that built the metadata themselves and must not sync (the engine's decode step,
+CUDA graphs). The reference runs the same checks.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,33 +52,138 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     It reads the whole gathered copy (and writes it first): the "gather + attention" cost
     that the Triton kernel avoids. Entries of block_tables past a sequence's last block
-    are never read, so they may hold anything (-1, stale ids).
+    are never read, so they may hold anything (-1, stale ids); neither are the cache slots
+    past a sequence's length (a NaN there does not leak in). A NaN or inf in q, or in the
+    K/V a sequence does attend to, propagates to its output, as in the kernel.
+
+    Checks everything the kernel's public function checks (`check_paged_attention`, then
+    `check_block_tables`), except what only Triton needs: any floating dtype is allowed
+    (float64 too), and strides are free.
     """
+    scale = check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, dtypes=REFERENCE_DTYPES)
+    longest = check_block_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    max_blocks = block_tables.shape[1]
+    if longest == 0:                                     # nothing to attend to (also: no sequences)
+        return torch.zeros_like(q)
     group = num_heads // num_kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    seq_lens = seq_lens.long().to(q.device)
+    nb = -(-longest // block_size)                       # blocks of the longest sequence
+    lens = seq_lens.long()
 
-    used = torch.arange(max_blocks, device=q.device) < (seq_lens[:, None] + block_size - 1) // block_size
-    blocks = torch.where(used, block_tables.long().to(q.device), 0)          # (S, max_blocks)
-    k = k_cache[blocks].flatten(1, 2).float()            # (S, max_blocks * block_size, Hkv, D)
+    used = torch.arange(nb, device=q.device) < (lens[:, None] + block_size - 1) // block_size
+    blocks = torch.where(used, block_tables[:, :nb].long(), 0)      # (S, nb): unused entries never read
+    valid = torch.arange(nb * block_size, device=q.device) < lens[:, None]              # (S, N)
+    k = k_cache[blocks].flatten(1, 2).float()            # (S, N = nb * block_size, Hkv, D)
     v = v_cache[blocks].flatten(1, 2).float()            # (S, N, Hkv, D)
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)     # slots past the length: never read
     k = k.repeat_interleave(group, dim=2)                # (S, N, Hq, D): query head h reads KV head h // group
     v = v.repeat_interleave(group, dim=2)
 
     scores = torch.einsum("shd,snhd->shn", q.float(), k) * scale               # (S, Hq, N)
-    valid = torch.arange(k.shape[1], device=q.device) < seq_lens[:, None]     # (S, N)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).nan_to_num(0.0)      # a row with no valid key: all zeros
+    probs = scores.softmax(dim=-1)
+    probs = probs.masked_fill((lens == 0)[:, None, None], 0.0)  # no key at all: zeros (softmax of -inf is NaN)
     out = torch.einsum("shn,snhd->shd", probs, v)                             # (S, Hq, D)
     return out.to(q.dtype)
 
 
+# ----------------------------------------------------------------------------- the contract, checked
+#
+# Shapes, dtypes and devices are checked on the host for free. Values (block ids, lengths)
+# live on the device: reading them is a device-to-host copy, which on a GPU waits for the
+# queue to drain. So the checks are split: check_paged_attention (metadata only, no sync)
+# and check_block_tables (one sync). The public functions run both; the launchers run
+# neither, for callers that built the metadata themselves (the engine) and must not sync.
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+
+
+def _require_tensors(tensors: dict) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None,
+                          dtypes: tuple = KERNEL_DTYPES) -> float:
+    """Check the arguments' types, shapes, dtypes and devices (no device-to-host copy) and
+    return the softmax scale to use (1 / sqrt(head_dim) when scale is None). Raises TypeError
+    or ValueError saying what is wrong and what is allowed."""
+    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+    _require_tensors(tensors)
+    for name, ndim, layout in (("q", 3, "(num_seqs, num_heads, head_dim)"),
+                               ("k_cache", 4, "(num_blocks, block_size, num_kv_heads, head_dim)"),
+                               ("v_cache", 4, "(num_blocks, block_size, num_kv_heads, head_dim)"),
+                               ("block_tables", 2, "(num_seqs, max_blocks)"), ("seq_lens", 1, "(num_seqs,)")):
+        if tensors[name].dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(tensors[name].shape)}")
+    num_seqs, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, kv_head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    if kv_head_dim != head_dim:
+        raise ValueError(f"q head_dim {head_dim} != cache head_dim {kv_head_dim}: they must be equal")
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in 1..256, got {head_dim}")
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+    if block_size < 1:
+        raise ValueError("block_size (k_cache.shape[1]) must be >= 1")
+    if block_tables.shape[0] != num_seqs or seq_lens.shape[0] != num_seqs:
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} "
+                         f"must have num_seqs = {num_seqs} rows, one per query")
+    if q.dtype not in dtypes:
+        raise ValueError(f"q dtype must be one of {', '.join(_DTYPE_NAMES[d] for d in dtypes)}, got {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError(f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive finite number or None, got {type(scale).__name__} {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def check_block_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int,
+                       block_size: int) -> int:
+    """Check the values the kernel indexes with, and return the longest sequence's length:
+    every length in 0..max_blocks * block_size, and the block ids each sequence reads (its
+    first ceil(len / block_size) table entries) in 0..num_blocks - 1. Entries past those are
+    never read and may hold anything (-1 as padding). One device-to-host copy (a sync on a GPU)."""
+    num_seqs, max_blocks = block_tables.shape
+    if num_seqs == 0:
+        return 0
+    limit = max_blocks * block_size
+    lens = seq_lens.long()
+    needed = (lens.clamp(0, limit) + block_size - 1) // block_size                   # (S,) entries read
+    read = torch.arange(max_blocks, device=lens.device) < needed[:, None]           # (S, max_blocks)
+    outside = read & ((block_tables < 0) | (block_tables >= num_blocks))
+    lo, hi, bad = torch.stack([lens.min(), lens.max(), outside.sum()]).tolist()      # the one sync
+    if lo < 0 or hi > limit:
+        s = int(torch.nonzero((lens < 0) | (lens > limit))[0, 0])
+        raise ValueError(f"seq_lens[{s}] = {int(lens[s])}: every length must lie in 0..{limit} "
+                         f"(the table's {max_blocks} blocks of {block_size} tokens)")
+    if bad:
+        s, j = torch.nonzero(outside)[0].tolist()
+        allowed = f"0..{num_blocks - 1}" if num_blocks else "none: the cache has no blocks"
+        raise ValueError(f"block_tables[{s}, {j}] = {int(block_tables[s, j])}: sequence {s} ({int(lens[s])} tokens) "
+                         f"reads table entries 0..{int(needed[s]) - 1}, and each must be a block of the cache "
+                         f"({allowed})")
+    return int(hi)
+
+
 def check_launchable(tensors: dict[str, torch.Tensor]) -> None:
-    """What every kvlab Triton launcher needs of its tensors: unit stride in the last
-    dimension, one device, and that device a CUDA GPU or the CPU under the interpreter."""
+    """What every kvlab Triton launcher needs of its tensors beyond the contract: unit stride
+    in the last dimension, one device, and that device a CUDA GPU or the CPU under the interpreter."""
     for name, t in tensors.items():
         if t.numel() > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
@@ -116,6 +229,8 @@ def _paged_attention_kernel(
     qk_scale,         # float: scale * log2(e), so that exp2 gives exp
     tokens_per_split, # int: tokens each split covers (a multiple of BLOCK_N)
     num_splits,       # int: splits per sequence (the grid's third dimension)
+    max_tokens,       # int: max_blocks * BLOCK_SIZE, what a block table row covers
+    num_blocks,       # int: blocks in the pool
     stride_qs, stride_qh,                 # q strides (head_dim stride is 1)
     stride_kb, stride_ks, stride_kh,      # k_cache strides: block, slot, head
     stride_vb, stride_vs, stride_vh,      # v_cache strides: block, slot, head
@@ -137,7 +252,7 @@ def _paged_attention_kernel(
 
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
+    end = tl.minimum(tl.minimum(start + tokens_per_split, seq_len), max_tokens)   # never past the table row
 
     offs_g = tl.arange(0, G_PAD)                   # query head within the group
     offs_d = tl.arange(0, D_PAD)
@@ -161,7 +276,8 @@ def _paged_attention_kernel(
         mask_n = tok < end
         block = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = tok % BLOCK_SIZE
-        mask_kv = mask_n[:, None] & mask_d[None, :]
+        in_pool = (block >= 0) & (block < num_blocks)    # by contract always; never read outside the pool
+        mask_kv = (mask_n & in_pool)[:, None] & mask_d[None, :]
         k = tl.load(k_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
                     + kv_head * stride_kh + offs_d[None, :], mask=mask_kv, other=0.0)  # (BLOCK_N, D_PAD)
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
@@ -233,7 +349,17 @@ def _split_k_reduce_kernel(
 
 # ----------------------------------------------------------------------------- launcher
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+def _positive_int(name: str, value, allowed: str = "a positive integer") -> int:
+    """value as an int (numpy integers too); TypeError for non-integers and bool, ValueError below 1."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {allowed}, got the bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -248,6 +374,12 @@ class KernelConfig:
     min_split_tokens: int = 256  # never split a sequence into ranges shorter than this
 
     def __post_init__(self):
+        for name in ("block_n", "num_warps", "num_stages", "min_split_tokens"):
+            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+        for name in ("split_below", "target_per_sm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16 (tl.dot's minimum), got {self.block_n}")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -287,41 +419,6 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, sms: in
     return 1 << max(0, wanted.bit_length() - 1)      # a power of two: 4 and 8 beat 5 on the H100
 
 
-def _check(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    """Raise ValueError, saying what is wrong and what is allowed, before anything is launched."""
-    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, ndim in dict(q=3, k_cache=4, v_cache=4, block_tables=2, seq_lens=1).items():
-        if tensors[name].dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensors[name].shape)}")
-    num_seqs, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, kv_head_dim = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
-    if kv_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} != cache head_dim {kv_head_dim}")
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be in 1..256, got {head_dim}")
-    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if block_size < 1:
-        raise ValueError("block_size (k_cache.shape[1]) must be >= 1")
-    if block_tables.shape[0] != num_seqs or seq_lens.shape[0] != num_seqs:
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} "
-                         f"must have num_seqs = {num_seqs} rows")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"q dtype must be one of float16, bfloat16, float32, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-        raise ValueError(f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}")
-    check_launchable(tensors)
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-
-
 class _Plan(NamedTuple):
     """Everything about a launch that depends only on shapes, dtype and config (cached)."""
     num_splits: int
@@ -353,33 +450,32 @@ def _plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, block
     return _Plan(num_splits, tokens_per_split, constexprs, reduce_constexprs)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
-                    *, out: torch.Tensor | None = None, num_splits: int | None = None,
-                    config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
-    """Decode attention on a paged KV cache with the Triton kernel (same contract as
-    `paged_attention_reference`). Entries of seq_lens must lie in 0..max_blocks * block_size
-    (not checked: that would need a device-to-host copy on every call).
+def paged_attention_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           out: torch.Tensor, num_splits: int | None = None,
+                           config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """Launch the decode kernel with no checks at all (no host sync: CUDA-graph capturable);
+    returns `out`. For callers that built the metadata themselves, such as the engine.
 
-    out: where to write the result (num_seqs, num_heads, head_dim), q's dtype and device;
-        None allocates it.
-    num_splits: split-K ranges per sequence; None chooses by `choose_num_splits`.
+    The caller guarantees what `paged_attention` would otherwise check:
+      - q (num_seqs, num_heads, head_dim); k_cache, v_cache (num_blocks, block_size,
+        num_kv_heads, head_dim), equal shapes; num_heads a multiple of num_kv_heads;
+        head_dim in 1..256; q, k_cache, v_cache one dtype of float16, bfloat16, float32;
+      - block_tables int32 (num_seqs, max_blocks), seq_lens int32 (num_seqs,);
+      - every seq_lens[s] in 0..max_blocks * block_size, and block_tables[s, j] in
+        0..num_blocks - 1 for j < ceil(seq_lens[s] / block_size) (later entries: anything);
+      - scale a positive finite float; out (num_seqs, num_heads, head_dim), q's dtype;
+      - all tensors on one CUDA device (or the CPU under TRITON_INTERPRET=1), each with
+        unit stride in its last dimension.
+    Broken, the result is undefined, but the kernel still reads nothing outside the block
+    table row or the cache pool (lengths are clamped to the table, bad block ids are masked).
     """
-    _check(q, k_cache, v_cache, block_tables, seq_lens, scale)
-    if out is None:
-        out = torch.empty_like(q)                        # (S, Hq, D)
-    elif not (isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
-              and out.device == q.device and out.stride(-1) == 1):
-        raise ValueError(f"out must be a tensor of q's shape {tuple(q.shape)}, dtype {q.dtype} and device "
-                         f"{q.device}, contiguous in its last dimension")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     if num_seqs == 0:
         return out
-    plan = _plan(num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], q.dtype,
+    max_blocks = block_tables.shape[1]
+    plan = _plan(num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, q.dtype,
                  num_sms(q.device), num_splits, config, os.environ.get("TRITON_INTERPRET") == "1")
     num_splits = plan.num_splits
     if num_splits > 1:   # one fp32 workspace: partial outputs, then m, then l
@@ -392,7 +488,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_o = part_m = part_l = out                   # unused
     _paged_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_m, part_l,
-        scale * LOG2E, plan.tokens_per_split, num_splits,
+        scale * LOG2E, plan.tokens_per_split, num_splits, max_blocks * block_size, num_blocks,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -406,3 +502,40 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             **plan.reduce_constexprs,
         )
     return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
+                    *, out: torch.Tensor | None = None, num_splits: int | None = None,
+                    config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """Decode attention on a paged KV cache with the Triton kernel (same contract as
+    `paged_attention_reference`): every argument checked, then `paged_attention_launch`.
+
+    out: where to write the result (num_seqs, num_heads, head_dim), q's dtype and device;
+        None allocates it.
+    num_splits: split-K ranges per sequence; None chooses by `choose_num_splits`.
+
+    The value checks (lengths within the table, block ids within the cache) read block_tables
+    and seq_lens on the host: one device-to-host copy, a sync on a GPU. What all the checks
+    cost per call (`python -m kvlab.bench.kernels --check-cost`):
+      CPU, interpreter, batch 4, context 64, 4/2 heads, head_dim 32, fp32 (2-core machine):
+        30 µs of checks in a 42 ms call (the interpreter's kernel dwarfs them);
+      CUDA GPU at batch 64, context 4096, 32/8 heads, head_dim 128: not measured yet.
+    A hot loop that built its own metadata (the engine) calls `paged_attention_launch`.
+    """
+    scale = check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    check_launchable(dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens))
+    if out is None:
+        out = torch.empty_like(q)                        # (S, Hq, D)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    elif not (out.shape == q.shape and out.dtype == q.dtype and out.device == q.device and out.stride(-1) == 1):
+        raise ValueError(f"out must be a tensor of q's shape {tuple(q.shape)}, dtype {q.dtype} and device "
+                         f"{q.device}, contiguous in its last dimension; got {tuple(out.shape)}, {out.dtype}, "
+                         f"{out.device}, strides {out.stride()}")
+    if num_splits is not None:
+        num_splits = _positive_int("num_splits", num_splits, "a positive integer or None")
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
+    check_block_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])   # the one sync
+    return paged_attention_launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, num_splits, config)
