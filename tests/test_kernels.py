@@ -410,6 +410,17 @@ def test_benchmark_baselines_compute_the_same_attention():
     torch.testing.assert_close(bench.sdpa_decode(x["q"], k.contiguous(), v.contiguous()), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_check_cost_runs_here(tmp_path, capsys):
+    """`python -m kvlab.bench.kernels --check-cost` measures checked vs unchecked calls; on the
+    CPU at its small shape (the GPU run uses batch 64, context 4096)."""
+    from kvlab.bench import kernels as bench
+
+    res = bench.main(["--check-cost", "--out", str(tmp_path / "cost.json")])
+    assert res["checked_us"] > 0 and res["launch_us"] > 0 and 0 < res["checks_only_us"] < res["checked_us"]
+    assert "checks alone" in capsys.readouterr().out and (tmp_path / "cost.json").exists()
+    assert bench.CHECK_COST_SHAPES["cuda"] == bench.DecodeShape(64, 4096)
+
+
 # ---------------------------------------------------------------------------- import order
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is chosen only without a GPU")

@@ -2,6 +2,7 @@
 
     python -m kvlab.bench.kernels --out data/bench/paged_attention_h100.json
     python -m kvlab.bench.kernels --out /tmp/explore.json --explore   # sweep tile/warps/stages/splits
+    python -m kvlab.bench.kernels --check-cost     # what paged_attention's checks cost (GPU, or CPU)
 
 Decode attention reads every cached K/V byte once and does ~2 FLOPs per byte:
 it is memory-bound, so the figure of merit is GB/s of K/V read per call,
@@ -380,6 +381,45 @@ def host_overhead(shape=DecodeShape(8, 2048), n=300) -> dict:
     return res
 
 
+# the check-cost shapes: the GPU's is the issue's (batch 64, context 4096, default heads); the
+# CPU's is small, since Triton's interpreter runs every program of the kernel in Python
+CHECK_COST_SHAPES = {"cuda": DecodeShape(64, 4096),
+                     "cpu": DecodeShape(4, 64, num_heads=4, num_kv_heads=2, head_dim=32, dtype="float32")}
+
+
+def check_cost(device: str | None = None, shape: DecodeShape | None = None, n: int | None = None) -> dict:
+    """What `paged_attention`'s checks cost: µs per call of the checked function and of the
+    unchecked `paged_attention_launch`, called n times back to back on the same inputs (wall
+    clock, the device synchronized before and after, so a GPU's sync per checked call counts),
+    and of the checks alone. Best of 5 repetitions."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = shape or CHECK_COST_SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    n = n or (100 if device.startswith("cuda") else 3)
+    x = make_inputs(shape, device)
+    args = (x["q"], x["k_cache"], x["v_cache"], x["block_tables"], x["seq_lens"])
+    out = torch.empty_like(x["q"])
+    scale = shape.head_dim ** -0.5
+    calls = {"checked": lambda: pa.paged_attention(*args, scale, out=out),
+             "launch": lambda: pa.paged_attention_launch(*args, scale, out),
+             "checks_only": lambda: run_checks(x)}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    res = dict(device=torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu (Triton interpreter)",
+               shape=asdict(shape), calls_per_repeat=n)
+    for name, fn in calls.items():
+        fn()                                              # compile, warm up
+        best = math.inf
+        for _ in range(5):
+            sync()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            best = min(best, (time.perf_counter() - t) / n)
+        res[f"{name}_us"] = best * 1e6
+    res["overhead_us"] = res["checked_us"] - res["launch_us"]
+    return res
+
+
 def time_store_kv(num_tokens=256, shape=DecodeShape(64, 4096)) -> dict:
     """store_kv for one decode step of `num_tokens` sequences into a big cache (bytes: read + write)."""
     inp = make_inputs(shape)
@@ -487,10 +527,23 @@ def summarize(result: dict, variants: bool = True) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--out", help="JSON file to write (required, except with --check-cost)")
     ap.add_argument("--explore", action="store_true", help="sweep kernel configs and split counts")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness grid")
+    ap.add_argument("--check-cost", action="store_true",
+                    help="only measure what paged_attention's checks cost per call, checked vs "
+                         "paged_attention_launch (a CUDA GPU, or the CPU's interpreter at a small shape)")
     args = ap.parse_args(argv)
+    if args.check_cost:
+        res = check_cost()
+        print(f"{res['device']}, shape {res['shape']}: checked {res['checked_us']:.1f} µs, "
+              f"launch {res['launch_us']:.1f} µs, checks alone {res['checks_only_us']:.1f} µs per call")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return res
+    if not args.out:
+        ap.error("--out is required (except with --check-cost)")
     if not torch.cuda.is_available():
         raise SystemExit("kvlab.bench.kernels needs a CUDA GPU (the notebook plots the committed JSON instead)")
     import triton
