@@ -46,7 +46,15 @@ by token and colours every slot (slow, obviously correct, draws the memory map);
 boundaries, preemptions, completions) and sums each category between events in
 closed form. Tests hold them equal, integer for integer, on random traces.
 A request longer than max_seq_len, or whose allocation exceeds the capacity, is
-rejected when it reaches the head of the queue, never retried.
+rejected when it reaches the head of the queue, never retried. Settings under which no
+request at all could run (no whole block, a max-reserve region larger than the capacity,
+a workload whose every request is rejected, an empty workload) are errors: the fractions
+of an empty run would be 0/0, not shares that sum to 1.
+
+`serving_cost` prices a run with a stated cost model (every step reads all weights and the
+running requests' cached K/V at the memory bandwidth; every prefilled token, recomputed ones
+included, costs 2 x num_params FLOPs at the peak), so that policies are compared in modeled
+seconds, not only per step.
 """
 
 from __future__ import annotations
@@ -60,7 +68,8 @@ from itertools import accumulate
 
 import numpy as np
 
-from kvlab.memory import GiB, kv_bytes_per_token
+from kvlab.memory import GiB, kv_bytes_per_token, weight_bytes
+from kvlab.model.flops import H100_SXM, GpuPeak
 from kvlab.model.spec import ModelSpec
 from kvlab.workloads import Workload
 
@@ -71,6 +80,25 @@ CATEGORIES = ("free", "token_states", "reservation", "internal_fragmentation", "
 FREE, TOKEN, RESERVED, INTERNAL, EXTERNAL = range(5)
 USED_OR_LOST = CATEGORIES[1:]
 MAX_MAP_CELLS = 50_000_000  # the reference engine's slot-by-step map is for small traces
+MAX_ARRIVAL_STEP = 2**53    # steps are counted in int64; float64 arrival times are whole numbers up to 2**53
+MIN_REQUEST_LEN = 2         # the shortest request: one prompt token and one output token
+
+
+def _as_int(name: str, value, minimum: int = 1) -> int:
+    """value as a Python int (numpy integers too; bool refused), at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _as_choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {', '.join(allowed)} (a str), got {type(value).__name__} {value!r}")
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -83,16 +111,41 @@ class AllocationConfig:
     watermark: float = 0.01      # paged: share of blocks admission keeps free for growth (vLLM's default)
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
-        for name in ("capacity_tokens", "max_seq_len", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.fit not in FITS:
-            raise ValueError(f"unknown fit {self.fit!r}; allowed: {', '.join(FITS)}")
-        if not 0 <= self.watermark < 1:
-            raise ValueError(f"watermark must be a fraction in [0, 1), got {self.watermark!r}")
+        object.__setattr__(self, "policy", _as_choice("policy", self.policy, POLICIES))  # np.str_ -> str
+        for name, minimum in (("capacity_tokens", 1), ("max_seq_len", MIN_REQUEST_LEN), ("block_size", 1)):
+            object.__setattr__(self, name, _as_int(name, getattr(self, name), minimum))  # numpy ints -> int
+        object.__setattr__(self, "fit", _as_choice("fit", self.fit, FITS))
+        w = self.watermark
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
+            raise TypeError(f"watermark must be a fraction in [0, 1), got {type(w).__name__} {w!r}")
+        if not 0 <= w < 1:
+            raise ValueError(f"watermark must be a fraction in [0, 1), got {w!r}")
+        object.__setattr__(self, "watermark", float(w))
+        if self.longest_runnable < MIN_REQUEST_LEN:
+            raise ValueError(f"nothing can ever run under {self.policy} with capacity_tokens={self.capacity_tokens}, "
+                             f"max_seq_len={self.max_seq_len}, block_size={self.block_size}: {self._why_nothing_runs()}")
+
+    def _why_nothing_runs(self) -> str:
+        if self.paged:
+            return (f"{self.num_blocks} whole block(s) of {self.block_size} slots fit in the capacity, and even the "
+                    f"shortest request ({MIN_REQUEST_LEN} tokens) needs {-(-MIN_REQUEST_LEN // self.block_size)}; "
+                    f"need capacity_tokens >= {-(-MIN_REQUEST_LEN // self.block_size) * self.block_size}")
+        if self.policy == "max-reserve":
+            return ("max-reserve gives every request a region of max_seq_len slots, more than the capacity; "
+                    "need max_seq_len <= capacity_tokens")
+        return f"even the shortest request ({MIN_REQUEST_LEN} tokens) needs more; need capacity_tokens >= 2"
+
+    @property
+    def longest_runnable(self) -> int:
+        """The longest final length (prompt + output) a request may have and still run alone (0: none can)."""
+        C, M = self.capacity_tokens, self.max_seq_len
+        if self.paged:
+            return min(M, self.num_blocks * self.block_size)
+        if self.policy == "max-reserve":
+            return M if M <= C else 0
+        if self.policy == "pow2":        # region min(next power of two >= F, M) must fit in C
+            return M if M <= C else 1 << (C.bit_length() - 1)
+        return min(M, C)                 # oracle
 
     @property
     def paged(self) -> bool:
@@ -137,9 +190,12 @@ class AllocationResult:
     running_steps: int           # running requests summed over steps
     peak_batch_size: int         # most requests running in one step
     num_preemptions: int
+    prefill_tokens: int          # tokens prefilled at admissions: prompts, plus prompt + generated on re-admission
     admit_step: np.ndarray = field(repr=False)        # (n,) first admission step per request, -1 if rejected
     finish_step: np.ndarray = field(repr=False)       # (n,) step of its last token, -1 if rejected
     arrival_time: np.ndarray = field(repr=False)      # (n,) from the workload
+    output_len: np.ndarray = field(repr=False)        # (n,) from the workload
+    batch_histogram: np.ndarray = field(repr=False)   # (peak + 1,) steps that ran 0, 1, ..., peak requests
     memory_map: np.ndarray | None = field(default=None, repr=False)  # (capacity, num_steps) uint8 codes
     batch_size: np.ndarray | None = field(default=None, repr=False)  # (num_steps,) running per step
 
@@ -179,6 +235,29 @@ class AllocationResult:
         return self.running_steps / self.busy_steps if self.busy_steps else 0.0
 
     @property
+    def median_batch_size(self) -> float:
+        """Running requests per step, the median over steps that run anything (np.median's convention)."""
+        busy = self.batch_histogram[1:]
+        total = int(busy.sum())
+        if not total:
+            return 0.0
+        cum = np.cumsum(busy)
+        lo, hi = np.searchsorted(cum, [(total - 1) // 2 + 1, total // 2 + 1])   # 0-based ranks -> batch - 1
+        return (int(lo) + int(hi)) / 2 + 1
+
+    @property
+    def latency(self) -> np.ndarray:
+        """(completed,) steps from each request's arrival to the end of the step of its last token."""
+        done = self.completed
+        return self.finish_step[done] + 1 - self.arrival_time[done]
+
+    @property
+    def normalized_latency(self) -> float:
+        """Mean over completed requests of latency / output tokens (steps per token: about 1 when nobody waits
+        and nobody is preempted); the y axis of the vLLM paper's Figure 12, in steps instead of seconds."""
+        return float(np.mean(self.latency / self.output_len[self.completed]))
+
+    @property
     def throughput(self) -> float:
         """Completed requests per step."""
         return self.num_completed / self.num_steps if self.num_steps else 0.0
@@ -192,6 +271,12 @@ class AllocationResult:
     def mean_queue_delay(self) -> float:
         return float(self.queue_delay.mean()) if self.num_completed else 0.0
 
+    def cost(self, spec: ModelSpec, gpu: GpuPeak = H100_SXM, dtype: str = "float16") -> "ServingCost":
+        """This run priced by `serving_cost`: its busy steps, the K/V its running requests held
+        (token slot-steps: every cached token is read once a step), its prefilled tokens."""
+        return serving_cost(spec, steps=self.busy_steps, kv_tokens_read=self.slot_steps["token_states"],
+                            prefill_tokens=self.prefill_tokens, requests=self.num_completed, gpu=gpu, dtype=dtype)
+
     def summary(self) -> str:
         f = self.fractions()
         return (f"{self.config.policy:>11}: tokens {f['token_states']:6.1%}  reserved {f['reservation']:6.1%}  "
@@ -200,21 +285,40 @@ class AllocationResult:
                 f"{self.throughput:.4f} req/step")
 
 
-def _prepare(workload: Workload):
-    """Plain lists, and the queue order: by arrival step (a request arriving at 3.2 is seen at step 4)."""
+def _prepare(workload: Workload, cfg: AllocationConfig):
+    """Plain lists, and the queue order: by arrival step (a request arriving at 3.2 is seen at step 4).
+    Refuses what cannot be simulated: not a Workload, no requests, arrivals past int64 steps, no
+    request that could ever run."""
     if not isinstance(workload, Workload):
-        raise ValueError(f"workload must be a kvlab.workloads.Workload, got {type(workload).__name__}")
+        raise TypeError(f"workload must be a kvlab.workloads.Workload (e.g. kvlab.workloads.sharegpt_like(...) "
+                        f"or kvlab.workloads.from_lengths(prompt_len, output_len)), got {type(workload).__name__}")
+    n = len(workload)
+    if n == 0:
+        raise ValueError("workload has no requests: nothing to simulate (its memory fractions would be 0/0)")
+    last = float(workload.arrival_time.max())
+    if last > MAX_ARRIVAL_STEP:
+        raise ValueError(f"workload's arrival_time reaches {last:.3g} steps; the simulator counts steps in int64 "
+                         f"and takes arrival times up to 2**53 = {MAX_ARRIVAL_STEP:.3g} steps (a tiny arrival "
+                         f"rate gives such times: use a rate well above 1e-12 requests per step)")
+    longest = cfg.longest_runnable
+    if int(workload.total_len.min()) > longest:
+        raise ValueError(f"none of the {n} requests can ever run: the shortest is {int(workload.total_len.min())} "
+                         f"tokens (prompt + output), and under {cfg.policy} with capacity_tokens={cfg.capacity_tokens}, "
+                         f"max_seq_len={cfg.max_seq_len}, block_size={cfg.block_size} a request may be at most "
+                         f"{longest} tokens long")
     arrive = np.ceil(workload.arrival_time).astype(np.int64)
     order = np.argsort(arrive, kind="stable").tolist()
     return workload.prompt_len.tolist(), workload.output_len.tolist(), arrive.tolist(), order
 
 
-def _result(cfg, wl, sums, num_steps, busy, running_steps, peak, preemptions, admit, finish, **extra):
-    sums = dict(sums)
-    sums["free"] = cfg.capacity_tokens * num_steps - sum(sums[c] for c in USED_OR_LOST)
+def _result(cfg, wl, sums, num_steps, busy, running_steps, peak, preemptions, prefill, admit, finish, hist,
+            **extra):
+    sums = {c: int(v) for c, v in sums.items()}
+    sums["free"] = cfg.capacity_tokens * int(num_steps) - sum(sums[c] for c in USED_OR_LOST)
+    hist = np.asarray(hist, dtype=np.int64)[: int(peak) + 1]
     return AllocationResult(cfg, sums, int(num_steps), int(busy), int(running_steps), int(peak), int(preemptions),
-                            np.asarray(admit, dtype=np.int64), np.asarray(finish, dtype=np.int64),
-                            np.asarray(wl.arrival_time), **extra)
+                            int(prefill), np.asarray(admit, dtype=np.int64), np.asarray(finish, dtype=np.int64),
+                            np.asarray(wl.arrival_time), np.asarray(wl.output_len), hist, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +334,7 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
     traces (at most MAX_MAP_CELLS cells), a ValueError says so as soon as it is exceeded.
     """
     cfg = AllocationConfig(policy, capacity_tokens, max_seq_len, block_size, fit, watermark)
-    P, O, arrive, order = _prepare(workload)
+    P, O, arrive, order = _prepare(workload, cfg)
     n, C, B = len(P), cfg.capacity_tokens, cfg.block_size
     F = [p + o for p, o in zip(P, O)]
     region = cfg.region_sizes(F).tolist()   # contiguous: each request's region size
@@ -244,7 +348,7 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
     blocks: dict[int, list[int]] = {}    # paged: each running request's block table
     admit, finish = [-1] * n, [-1] * n
     sums = dict.fromkeys(USED_OR_LOST, 0)
-    columns, batch, preemptions, s = [], [], 0, 0
+    columns, batch, preemptions, prefill, s = [], [], 0, 0, 0
 
     def holes():  # maximal runs of free slots: [(start, length)]
         free = np.concatenate(([False], owner < 0, [False]))
@@ -299,6 +403,7 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
                 start[j] = at
             pending.popleft()
             running.append(j)
+            prefill += P[j] + k[j]                  # the prompt, and what it had generated before a preemption
             k[j] += 1
             if admit[j] < 0:
                 admit[j] = s
@@ -341,7 +446,8 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
     if keep_map:
         memory_map = np.stack(columns[:num_steps], axis=1) if num_steps else np.zeros((C, 0), np.uint8)  # (C, steps)
     return _result(cfg, workload, sums, num_steps, (batch > 0).sum(), batch.sum(), batch.max(initial=0),
-                   preemptions, admit, finish, memory_map=memory_map, batch_size=batch)
+                   preemptions, prefill, admit, finish, np.bincount(batch, minlength=1),
+                   memory_map=memory_map, batch_size=batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +493,7 @@ def simulate_allocation(workload: Workload, policy: str = "paged", capacity_toke
         return simulate_allocation_reference(workload, policy, capacity_tokens, max_seq_len, block_size, fit,
                                              watermark)
     cfg = AllocationConfig(policy, capacity_tokens, max_seq_len, block_size, fit, watermark)
-    P, O, arrive, order = _prepare(workload)
+    P, O, arrive, order = _prepare(workload, cfg)
     F = [p + o for p, o in zip(P, O)]
     rejected = cfg.never_fits(workload.total_len).tolist()
     queue = [j for j in order if not rejected[j]]  # rejected ones would leave the head at once
@@ -411,6 +517,7 @@ def _fast_contiguous(cfg, wl, P, O, F, arrive, queue):
     h, nq, s, t_end = 0, len(queue), 0, -1
     if nq:
         s = arrive[queue[0]]
+    hist = {0: s}                # batch size -> steps (the steps before the first arrival run nothing)
     while True:
         # admissions at step s
         while h < nq and arrive[queue[h]] <= s:
@@ -452,6 +559,7 @@ def _fast_contiguous(cfg, wl, P, O, F, arrive, queue):
             ext += free * (nxt - s)          # the head fits no hole: every free slot is stranded
         if running:
             busy += nxt - s
+        hist[running] = hist.get(running, 0) + nxt - s
         s = nxt
         # completions at the end of step s - 1: free the region, merge it with neighbouring holes
         while done and done[0][0] < s:
@@ -478,7 +586,9 @@ def _fast_contiguous(cfg, wl, P, O, F, arrive, queue):
     sums = _segment_sums(cfg, queue, adm, [P[j] + 1 for j in queue], [finish[j] for j in queue], F, A)
     sums["external_fragmentation"] = ext
     running_steps = sum(O[j] for j in queue)
-    return _result(cfg, wl, sums, t_end + 1, busy, running_steps, peak, 0, admit, finish)
+    prefill = sum(P[j] for j in queue)       # contiguous policies never preempt: one prefill per request
+    return _result(cfg, wl, sums, t_end + 1, busy, running_steps, peak, 0, prefill, admit, finish,
+                   _histogram(hist, peak))
 
 
 def _fast_paged(cfg, wl, P, O, F, arrive, queue):
@@ -507,6 +617,7 @@ def _fast_paged(cfg, wl, P, O, F, arrive, queue):
     preempted = not nq           # no admission before the first arrival
     if nq:
         s = arr[0]
+    hist = {0: s}                # batch size -> steps (the steps before the first arrival run nothing)
     while True:
         # admissions at step s (its growth is done); an empty GPU ignores the watermark
         if not preempted:
@@ -558,6 +669,7 @@ def _fast_paged(cfg, wl, P, O, F, arrive, queue):
                 nxt = oom
         if R:
             busy += nxt - s
+        hist[R] = hist.get(R, 0) + nxt - s
         # plain growth on steps s+1 .. nxt-1 (nothing else happens there)
         m = nxt - 1 - s
         if m > 0:
@@ -602,9 +714,19 @@ def _fast_paged(cfg, wl, P, O, F, arrive, queue):
     sums = _segment_sums(cfg, seg[:, 0], seg[:, 1], seg[:, 2], seg[:, 3], F, None)
     sums["external_fragmentation"] = 0
     running_steps = int((seg[:, 3] - seg[:, 1] + 1).sum())
+    prefill = int((seg[:, 2] - 1).sum())    # each segment began with a prefill of prompt + generated tokens
     admit_all, finish_all = np.full(n, -1), np.full(n, -1)
     admit_all[queue], finish_all[queue] = admit, finish
-    return _result(cfg, wl, sums, t_end + 1, busy, running_steps, peak, preemptions, admit_all, finish_all)
+    return _result(cfg, wl, sums, t_end + 1, busy, running_steps, peak, preemptions, prefill, admit_all, finish_all,
+                   _histogram(hist, peak))
+
+
+def _histogram(steps_by_batch: dict, peak: int) -> np.ndarray:
+    """(peak + 1,) steps per batch size, from a {batch size: steps} dict."""
+    hist = np.zeros(peak + 1, dtype=np.int64)
+    for b, steps in steps_by_batch.items():
+        hist[b] += steps
+    return hist
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,12 +741,20 @@ PAPER_TOKEN_STATES = {"max-reserve": 0.204, "oracle": 0.382, "paged": 0.963}
 
 def opt13b_capacity_tokens(kv_gib: float = 12.0) -> int:
     """KV slots in `kv_gib` GiB for OPT-13B in fp16 (the paper's setting: ~12 GB of KV on an A100-40GB)."""
-    return int(kv_gib * GiB // kv_bytes_per_token(ModelSpec.preset("opt-13b")))
+    if isinstance(kv_gib, bool) or not isinstance(kv_gib, (int, float, np.integer, np.floating)):
+        raise TypeError(f"kv_gib must be a number of GiB, got {type(kv_gib).__name__} {kv_gib!r}")
+    per_token = kv_bytes_per_token(ModelSpec.preset("opt-13b"))
+    if not (math.isfinite(kv_gib) and kv_gib * GiB >= per_token):
+        raise ValueError(f"kv_gib must be a finite number of GiB that holds at least one OPT-13B token "
+                         f"({per_token / GiB:.6f} GiB), got {kv_gib!r}")
+    return int(kv_gib * GiB // per_token)
 
 
 def run_policies(workload, capacity_tokens: int, max_seq_len: int = 2048, block_size: int = 16,
                  policies=POLICIES) -> dict[str, AllocationResult]:
     """policy -> result, the same workload through each."""
+    if isinstance(policies, str):
+        raise TypeError(f"policies must be a sequence of policy names (e.g. {POLICIES!r}), got the str {policies!r}")
     return {p: simulate_allocation(workload, p, capacity_tokens, max_seq_len, block_size) for p in policies}
 
 
@@ -632,6 +762,8 @@ def block_size_sweep(workload, capacity_tokens: int, max_seq_len: int = 2048,
                      block_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict[str, np.ndarray]:
     """Paged only, per block size: unfilled share of held slots, block-table entries per request, batch size."""
     slack, entries, batch = [], [], []
+    if isinstance(block_sizes, (str, int, np.integer)):
+        raise TypeError(f"block_sizes must be a sequence of integers (e.g. (1, 16, 256)), got {block_sizes!r}")
     for b in block_sizes:
         r = simulate_allocation(workload, "paged", capacity_tokens, max_seq_len, b)
         s = r.slot_steps
@@ -641,3 +773,53 @@ def block_size_sweep(workload, capacity_tokens: int, max_seq_len: int = 2048,
         batch.append(r.mean_batch_size)
     return {"block_size": np.array(block_sizes), "unfilled_share": np.array(slack),
             "table_entries": np.array(entries), "mean_batch_size": np.array(batch)}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run costs: a stated model, so that policies are compared in seconds, not only per step.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServingCost:
+    """Modeled GPU time of a run, by part (seconds); see `serving_cost`."""
+    weight_seconds: float       # every step reads all weights once
+    kv_seconds: float           # every step reads its running requests' cached K/V
+    prefill_seconds: float      # every prefilled token (recomputed ones included) at the compute peak
+    requests: int               # completed requests
+
+    @property
+    def seconds(self) -> float:
+        return self.weight_seconds + self.kv_seconds + self.prefill_seconds
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def serving_cost(spec: ModelSpec, *, steps: int, kv_tokens_read: int, prefill_tokens: int, requests: int = 0,
+                 gpu: GpuPeak = H100_SXM, dtype: str = "float16") -> ServingCost:
+    """A roofline cost model of serving, in three terms:
+
+        steps x weight bytes / bandwidth           a decode step reads every weight once (memory-bound)
+      + kv_tokens_read x KV bytes/token / bandwidth  and the cached K/V of every running request
+      + prefill_tokens x 2 x num_params / FLOP/s    a prefilled token costs 2 FLOPs per parameter (compute-bound)
+
+    Decode FLOPs are left out (below the ridge, ~295 requests a step on an H100, reading the bytes
+    takes longer), and so are prefill's attention FLOPs and launch overheads: the model charges what
+    grows with the batch and with recomputation, which is what per-step comparisons ignore.
+    steps: decode steps that ran anything; kv_tokens_read: cached tokens summed over those steps;
+    prefill_tokens: tokens prefilled, recomputation after preemption included.
+    """
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a kvlab.ModelSpec (e.g. kvlab.ModelSpec.preset('opt-13b')), "
+                        f"got {type(spec).__name__}")
+    if not isinstance(gpu, GpuPeak):
+        raise TypeError(f"gpu must be a kvlab.model.flops.GpuPeak (e.g. H100_SXM), got {type(gpu).__name__}")
+    steps, kv_tokens_read, prefill_tokens, requests = (
+        _as_int(name, v, 0) for name, v in (("steps", steps), ("kv_tokens_read", kv_tokens_read),
+                                            ("prefill_tokens", prefill_tokens), ("requests", requests)))
+    bandwidth, flops = gpu.memory_tb_per_s * 1e12, gpu.bf16_tflops * 1e12
+    return ServingCost(weight_seconds=steps * weight_bytes(spec, dtype) / bandwidth,
+                       kv_seconds=kv_tokens_read * kv_bytes_per_token(spec, dtype) / bandwidth,
+                       prefill_seconds=prefill_tokens * 2 * spec.num_params / flops,
+                       requests=requests)

@@ -1,4 +1,5 @@
-"""kvlab.fragmentation: hand-worked traces, conservation, the event-driven engine against the stepper."""
+"""kvlab.fragmentation: hand-worked traces, conservation, the event-driven engine against the stepper,
+the cost model, and bad input (each refused with the argument named and what is allowed)."""
 
 import subprocess
 import sys
@@ -6,9 +7,11 @@ import sys
 import numpy as np
 import pytest
 
+import kvlab
 from kvlab import workloads as W
 from kvlab.fragmentation import (CATEGORIES, INTERNAL, POLICIES, RESERVED, TOKEN, AllocationConfig,
-                                 simulate_allocation, simulate_allocation_reference)
+                                 serving_cost, simulate_allocation, simulate_allocation_reference)
+from kvlab.model.flops import H100_SXM
 
 ENGINES = [simulate_allocation, simulate_allocation_reference]
 
@@ -16,11 +19,17 @@ ENGINES = [simulate_allocation, simulate_allocation_reference]
 def assert_same(fast, ref):
     """Two results agree exactly: integer slot-steps per category, schedule, batch sizes."""
     assert fast.slot_steps == ref.slot_steps
-    for name in ("num_steps", "busy_steps", "running_steps", "peak_batch_size", "num_preemptions"):
+    for name in ("num_steps", "busy_steps", "running_steps", "peak_batch_size", "num_preemptions",
+                 "prefill_tokens", "median_batch_size", "normalized_latency"):
         assert getattr(fast, name) == getattr(ref, name), name
     assert np.array_equal(fast.admit_step, ref.admit_step)
     assert np.array_equal(fast.finish_step, ref.finish_step)
+    assert np.array_equal(fast.batch_histogram, ref.batch_histogram)
+    if ref.batch_size is not None:                  # the stepper's per-step batch sizes
+        assert np.array_equal(ref.batch_histogram, np.bincount(ref.batch_size))
+        assert ref.median_batch_size == np.median(ref.batch_size[ref.batch_size > 0])
     assert fast.fractions() == ref.fractions()
+    assert sum(fast.fractions().values()) == pytest.approx(1.0, abs=1e-12)
 
 
 # ---- traces worked out by hand ------------------------------------------------------------------
@@ -34,6 +43,8 @@ def test_hand_max_reserve_two_requests(engine):
     assert r.slot_steps == {"token_states": 3 + 4 + 5 + 2, "reservation": 2 + 1 + 0,
                             "internal_fragmentation": 3 * 3 + 6, "external_fragmentation": 3 * 2, "free": 2}
     assert r.num_steps == 4 and r.admit_step.tolist() == [0, 3] and r.finish_step.tolist() == [2, 3]
+    assert r.prefill_tokens == 2 + 1 and r.batch_histogram.tolist() == [0, 4] and r.median_batch_size == 1.0
+    assert r.latency.tolist() == [3, 4] and r.normalized_latency == (3 / 3 + 4 / 1) / 2   # r1 waited 3 steps
     assert r.token_states == 14 / 38 and r.internal_fragmentation == 15 / 38
     assert r.external_fragmentation == 6 / 38 and r.reservation == 3 / 38
     assert r.mean_batch_size == 1.0 and r.mean_queue_delay == 1.5 and r.throughput == 2 / 4
@@ -74,6 +85,10 @@ def test_hand_paged_preemption(engine):
     assert r.num_preemptions == 1
     assert r.admit_step.tolist() == [0, 0] and r.finish_step.tolist() == [5, 6]
     assert r.running_steps == 6 + 3 + 1 and r.busy_steps == 7 and r.peak_batch_size == 2
+    assert r.prefill_tokens == 1 + 1 + (1 + 3)          # two prompts, then r1's prompt and 3 generated again
+    assert r.batch_histogram.tolist() == [0, 4, 3]      # steps 0-2 run both; 3-6 one (r0 to 5, then r1)
+    assert r.median_batch_size == 1.0 and r.mean_batch_size == 10 / 7
+    assert r.latency.tolist() == [6, 7] and r.normalized_latency == (6 / 6 + 7 / 4) / 2
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -141,10 +156,8 @@ def test_rejected_requests_are_reported_not_retried(engine):
         r = engine(wl, policy, capacity_tokens=64, max_seq_len=16, block_size=4)
         assert r.finish_step.tolist() == [-1, 2, -1]
         assert r.num_rejected == 2 and r.num_completed == 1 and r.admit_step[1] == 0
-    r = engine(wl, "max-reserve", capacity_tokens=8, max_seq_len=16)   # a region of 16 never fits in 8
-    assert r.num_rejected == 3 and r.num_steps == 0 and r.token_states == 0.0
-    r = engine(W.from_lengths([5], [4]), "paged", capacity_tokens=8, max_seq_len=16, block_size=4)
-    assert r.num_rejected == 1                                          # 9 tokens need 3 blocks of 2
+    r = engine(W.from_lengths([5, 1], [4, 1]), "paged", capacity_tokens=8, max_seq_len=16, block_size=4)
+    assert r.num_rejected == 1 and r.finish_step.tolist() == [-1, 0]   # 9 tokens need 3 blocks of 4, 2 exist
 
 
 # ---- the fast engine against the reference ------------------------------------------------------
@@ -161,14 +174,22 @@ def random_case(rng):
 
 def test_event_driven_engine_equals_the_stepper_on_random_traces():
     rng = np.random.default_rng(1234)
-    seen = dict(preempted=0, rejected=0, external=0, internal=0, idle=0)
+    seen = dict(preempted=0, rejected=0, external=0, internal=0, idle=0, refused=0)
     for _ in range(150):
         wl, C, max_len, B = random_case(rng)
         for policy in POLICIES:
             for fit, wm in ([("first", 0.0), ("first", 0.01), ("first", 0.1)] if policy == "paged"
                             else [("first", 0.01), ("best", 0.01)]):
                 args = (wl, policy, C, max_len, B, fit, wm)
-                fast, ref = simulate_allocation(*args), simulate_allocation_reference(*args)
+                try:
+                    fast = simulate_allocation(*args)
+                except ValueError as err:          # nothing could run: the reference refuses it the same way
+                    with pytest.raises(ValueError) as ref_err:
+                        simulate_allocation_reference(*args)
+                    assert str(ref_err.value) == str(err) and "can ever run" in str(err)
+                    seen["refused"] += 1
+                    continue
+                ref = simulate_allocation_reference(*args)
                 assert_same(fast, ref)
                 seen["preempted"] += fast.num_preemptions > 0
                 seen["rejected"] += fast.num_rejected > 0
@@ -197,27 +218,104 @@ def test_policy_order_on_sharegpt_like_trace():
 
 # ---- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(capacity_tokens=0), "capacity_tokens"),
-    (dict(capacity_tokens=-100), "capacity_tokens"),
-    (dict(capacity_tokens=10.5), "capacity_tokens"),
-    (dict(block_size=0), "block_size"),
-    (dict(block_size=-16), "block_size"),
-    (dict(max_seq_len=0), "max_seq_len"),
-    (dict(policy="buddy"), "max-reserve, pow2, oracle, paged"),
-    (dict(fit="worst"), "first, best"),
-    (dict(watermark=1.0), "watermark"),
-])
+BAD_SETTINGS = [   # (keyword arguments, exception, what the message must say: the argument and what is allowed)
+    (dict(capacity_tokens=0), ValueError, "capacity_tokens must be an integer >= 1, got 0"),
+    (dict(capacity_tokens=-100), ValueError, "capacity_tokens must be an integer >= 1, got -100"),
+    (dict(capacity_tokens=10.5), TypeError, "capacity_tokens must be an integer >= 1, got float 10.5"),
+    (dict(capacity_tokens=None), TypeError, "capacity_tokens must be an integer >= 1, got NoneType"),
+    (dict(capacity_tokens="100"), TypeError, "capacity_tokens must be an integer >= 1, got str"),
+    (dict(capacity_tokens=True), TypeError, "capacity_tokens must be an integer >= 1, got bool"),
+    (dict(block_size=0), ValueError, "block_size must be an integer >= 1, got 0"),
+    (dict(block_size=-16), ValueError, "block_size must be an integer >= 1"),
+    (dict(block_size=np.bool_(True)), TypeError, "block_size must be an integer >= 1, got bool"),
+    (dict(max_seq_len=1), ValueError, "max_seq_len must be an integer >= 2, got 1"),
+    (dict(max_seq_len={}), TypeError, "max_seq_len must be an integer >= 2, got dict"),
+    (dict(policy="buddy"), ValueError, "unknown policy 'buddy'; allowed: max-reserve, pow2, oracle, paged"),
+    (dict(policy=None), TypeError, "policy must be one of max-reserve, pow2, oracle, paged (a str), got NoneType"),
+    (dict(fit="worst"), ValueError, "unknown fit 'worst'; allowed: first, best"),
+    (dict(fit=1), TypeError, "fit must be one of first, best (a str), got int"),
+    (dict(watermark=1.0), ValueError, "watermark must be a fraction in [0, 1), got 1.0"),
+    (dict(watermark=float("nan")), ValueError, "watermark must be a fraction in [0, 1), got nan"),
+    (dict(watermark=True), TypeError, "watermark must be a fraction in [0, 1), got bool"),
+    (dict(watermark="0.01"), TypeError, "watermark must be a fraction in [0, 1), got str"),
+    # settings under which nothing can ever run: every fraction would be 0/0
+    (dict(capacity_tokens=10, block_size=16), ValueError, "0 whole block(s) of 16 slots fit in the capacity"),
+    (dict(capacity_tokens=10, block_size=16), ValueError, "need capacity_tokens >= 16"),
+    (dict(capacity_tokens=1, block_size=1), ValueError, "need capacity_tokens >= 2"),
+    (dict(policy="max-reserve", capacity_tokens=16, max_seq_len=32), ValueError,
+     "need max_seq_len <= capacity_tokens"),
+    (dict(policy="pow2", capacity_tokens=1), ValueError, "need capacity_tokens >= 2"),
+    (dict(policy="oracle", capacity_tokens=1), ValueError, "nothing can ever run under oracle"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_SETTINGS)
 @pytest.mark.parametrize("engine", ENGINES)
-def test_bad_input(engine, kwargs, match):
+def test_bad_settings_are_refused_with_what_is_allowed(engine, kwargs, error, message):
     args = dict(policy="paged", capacity_tokens=100, max_seq_len=32, block_size=4) | kwargs
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error) as err:
         engine(W.from_lengths([1], [1]), **args)
+    assert message in str(err.value)
 
 
-def test_workload_must_be_a_workload():
-    with pytest.raises(ValueError, match="Workload"):
-        simulate_allocation([(1, 1, 0.0)], "paged", 100, 32, 4)
+@pytest.mark.parametrize("workload", [None, {"prompt_len": [1]}, "sharegpt-like", [(1, 1, 0.0)]])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_workload_must_be_a_workload(engine, workload):
+    with pytest.raises(TypeError, match=r"workload must be a kvlab.workloads.Workload .*got "):
+        engine(workload, "paged", 100, 32, 4)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_numpy_scalars_are_accepted_as_numbers(engine):
+    wl = small_trace(seed=3)
+    plain = engine(wl, "paged", 700, 128, 8, "first", 0.01)
+    numpy = engine(wl, np.str_("paged"), np.int64(700), np.int32(128), np.uint8(8), "first", np.float64(0.01))
+    assert_same(plain, numpy)
+    assert numpy.config == plain.config and type(numpy.config.capacity_tokens) is int
+    assert type(numpy.config.watermark) is float and type(numpy.config.policy) is str
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_workload_nothing_can_serve_is_an_error(engine):
+    """Empty, or every request longer than the setting allows: fractions would be 0/0, not shares summing to 1."""
+    with pytest.raises(ValueError, match="workload has no requests: nothing to simulate"):
+        engine(W.from_lengths([], []), "paged", 100, 32, 4)
+    with pytest.raises(ValueError, match=r"none of the 2 requests can ever run: the shortest is 33 tokens .* "
+                                         r"at most 32 tokens long"):
+        engine(W.from_lengths([30, 40], [3, 3]), "paged", 100, 32, 4)
+    with pytest.raises(ValueError, match=r"none of the 1 requests .* at most 8 tokens long"):
+        engine(W.from_lengths([5], [5]), "paged", 10, 32, 4)        # 2 blocks of 4 slots
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_arrivals_past_int64_steps_are_an_error_not_a_rejection(engine):
+    """Regression (issue 12): an arrival at 1e300 steps, or a tiny rate, overflowed int64 with only a
+    RuntimeWarning, and the request was counted as rejected."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # no RuntimeWarning on the way to the error
+        with pytest.raises(ValueError, match=r"arrival_time reaches 1e\+300 steps.*up to 2\*\*53"):
+            engine(W.from_lengths([1, 1], [1, 1], [0.0, 1e300]), "paged", 100, 32, 4)
+        with pytest.raises(ValueError, match="tiny arrival rate"):
+            engine(W.sharegpt_like(5, seed=0, rate=1e-300, max_len=32), "paged", 100, 32, 4)
+    r = simulate_allocation(                     # the largest allowed (the stepper would walk 2**53 steps)
+        W.from_lengths([1, 1], [1, 1], [0.0, 2.0**53]), "paged", 100, 32, 4)
+    assert r.num_completed == 2 and r.finish_step[1] == 2**53
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_longest_runnable_by_brute_force(policy):
+    for C, M, B in [(60, 80, 16), (100, 64, 16), (5, 64, 4), (2, 2, 1), (1000, 3000, 7)]:
+        cfg = AllocationConfig(policy, C, M, B) if not (policy == "max-reserve" and M > C) else None
+        if cfg is None:
+            with pytest.raises(ValueError, match="need max_seq_len <= capacity_tokens"):
+                AllocationConfig(policy, C, M, B)
+            continue
+        final = np.arange(1, M + 5)
+        runnable = final[~cfg.never_fits(final)]
+        assert cfg.longest_runnable == runnable.max(), (C, M, B)
+        assert np.array_equal(runnable, np.arange(1, runnable.max() + 1))   # and everything shorter runs
 
 
 def test_reference_refuses_huge_maps():
@@ -249,20 +347,124 @@ def test_explorer_recomputes_when_a_control_changes():
     assert ex.results["paged"].num_completed == 300 and f"{ex.results['paged'].token_states:.1%}" in ex.readout.value
 
 
+# ---- the cost model -----------------------------------------------------------------------------
+
+def test_serving_cost_by_hand():
+    """OPT-13B on a toy GPU of 1 TB/s and 1 TFLOP/s: 12,853,473,280 parameters, 2 bytes each;
+    819,200 KV bytes per token; a prefilled token costs 2 FLOPs per parameter."""
+    toy = kvlab.model.flops.GpuPeak("toy", bf16_tflops=1.0, memory_tb_per_s=1.0, source="round numbers")
+    c = serving_cost(kvlab.ModelSpec.preset("opt-13b"), steps=10, kv_tokens_read=1000, prefill_tokens=100,
+                     requests=5, gpu=toy)
+    assert c.weight_seconds == pytest.approx(10 * 25_706_946_560 / 1e12, rel=1e-12)
+    assert c.kv_seconds == pytest.approx(1000 * 819_200 / 1e12, rel=1e-12)
+    assert c.prefill_seconds == pytest.approx(100 * 25_706_946_560 / 1e12, rel=1e-12)
+    assert c.seconds == pytest.approx(c.weight_seconds + c.kv_seconds + c.prefill_seconds)
+    assert c.requests_per_second == pytest.approx(5 / c.seconds)
+
+
+def test_result_cost_charges_busy_steps_held_tokens_and_recompute():
+    spec = kvlab.ModelSpec.preset("opt-13b")
+    r = simulate_allocation(W.from_lengths([2, 1], [3, 1]), "max-reserve", 10, 8, 4)   # the hand trace above
+    assert r.cost(spec) == serving_cost(spec, steps=4, kv_tokens_read=14, prefill_tokens=3, requests=2)
+    wl = small_trace(seed=4, n=60)
+    r = simulate_allocation(wl, "paged", 400, 128, 8)
+    assert r.num_preemptions > 0 and r.prefill_tokens > int(wl.prompt_len.sum())   # recomputation is charged
+    assert r.cost(spec).prefill_seconds == pytest.approx(r.prefill_tokens * 2 * spec.num_params / 989.4e12)
+    assert r.cost(spec, gpu=H100_SXM).kv_seconds == pytest.approx(r.slot_steps["token_states"] * 819_200 / 3.35e12)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(spec="opt-13b"), TypeError, "spec must be a kvlab.ModelSpec"),
+    (dict(gpu="H100"), TypeError, "gpu must be a kvlab.model.flops.GpuPeak"),
+    (dict(steps=-1), ValueError, "steps must be an integer >= 0, got -1"),
+    (dict(steps=1.5), TypeError, "steps must be an integer >= 0, got float"),
+    (dict(prefill_tokens=None), TypeError, "prefill_tokens must be an integer >= 0, got NoneType"),
+    (dict(kv_tokens_read=True), TypeError, "kv_tokens_read must be an integer >= 0, got bool"),
+    (dict(dtype="float12"), ValueError, "unknown dtype 'float12'; allowed:"),
+])
+def test_serving_cost_bad_input(kwargs, error, message):
+    args = dict(spec=kvlab.ModelSpec.preset("opt-13b"), steps=1, kv_tokens_read=1, prefill_tokens=1) | kwargs
+    with pytest.raises(error) as err:
+        serving_cost(args.pop("spec"), **args)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("kv_gib, error, message", [
+    (None, TypeError, "kv_gib must be a number of GiB, got NoneType"),
+    (True, TypeError, "kv_gib must be a number of GiB, got bool"),
+    (float("inf"), ValueError, "kv_gib must be a finite number of GiB"),
+    (float("nan"), ValueError, "kv_gib must be a finite number of GiB"),
+    (-1, ValueError, "holds at least one OPT-13B token"),
+    (1e-9, ValueError, "holds at least one OPT-13B token"),
+])
+def test_opt13b_capacity_bad_input(kv_gib, error, message):
+    from kvlab.fragmentation import opt13b_capacity_tokens
+    with pytest.raises(error) as err:
+        opt13b_capacity_tokens(kv_gib)
+    assert message in str(err.value)
+    assert opt13b_capacity_tokens(np.float32(12.0)) == opt13b_capacity_tokens(12) == 15_728
+
+
+def test_run_policies_and_sweep_refuse_a_bare_name():
+    from kvlab.fragmentation import block_size_sweep, run_policies
+    with pytest.raises(TypeError, match="policies must be a sequence of policy names"):
+        run_policies(small_trace(), 700, 128, 8, policies="paged")
+    with pytest.raises(TypeError, match="block_sizes must be a sequence of integers"):
+        block_size_sweep(small_trace(), 700, 128, block_sizes=16)
+
+
+def test_explorer_shows_what_cannot_run_and_stays_in_step():
+    """Regression (issue 12): a setting no policy can run under must not raise out of the callback or leave
+    the old drawing. max-reserve with 4096-slot regions does not fit 3 GiB of OPT-13B KV (3,932 slots)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from kvlab.ui.fragmentation import FragmentationExplorer
+
+    ex = FragmentationExplorer(n=200, seed=0)
+    assert ex.message.value == "" and set(ex.results) == set(POLICIES)
+    before = ex.image.value
+    ex.kv_gib.value = 3
+    ex.max_seq_len.value = 4096                       # the callback runs; it must not raise
+    assert set(ex.results) == {"pow2", "oracle", "paged"} and list(ex.errors) == ["max-reserve"]
+    assert "need max_seq_len &lt;= capacity_tokens" in ex.message.value and "max-reserve" in ex.message.value
+    assert "cannot run" in ex.readout.value and "3,932" in ex.readout.value
+    assert ex.results["paged"].config.max_seq_len == 4096 and ex.image.value != before   # drawn for these inputs
+    ex.max_seq_len.value = 2048
+    assert ex.message.value == "" and set(ex.results) == set(POLICIES)
+
+    ex.n = 0                                          # through the Python API: an empty workload
+    ex.update()
+    assert ex.results == {} and "workload has no requests" in ex.message.value
+    assert ex.image.value[:8] == b"\x89PNG\r\n\x1a\n"   # a figure that says nothing could be drawn
+    ex.n = 200
+    ex.block_size.value = 32
+    assert ex.message.value == "" and ex.results["paged"].config.block_size == 32
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(n=0), ValueError), (dict(n="5000"), TypeError),
+                                           (dict(seed=-1), ValueError), (dict(n=True), TypeError)])
+def test_explorer_constructor_bad_input(kwargs, error):
+    from kvlab.ui.fragmentation import FragmentationExplorer
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=f"{name} must be an integer >= "):
+        FragmentationExplorer(**kwargs)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_region_sizes_and_never_fits_by_brute_force(policy):
-    cfg = AllocationConfig(policy, capacity_tokens=60, max_seq_len=80, block_size=16)  # paged: 3 whole blocks
+    M = 48 if policy == "max-reserve" else 80      # max-reserve with regions larger than the capacity is refused
+    cfg = AllocationConfig(policy, capacity_tokens=60, max_seq_len=M, block_size=16)  # paged: 3 whole blocks
     final = np.arange(1, 100)
     for f, size, never in zip(final.tolist(), cfg.region_sizes(final), cfg.never_fits(final)):
         pow2 = 1
         while pow2 < f:
             pow2 *= 2
         if policy == "paged":
-            expected_never = f > 80 or -(-f // 16) > 3
+            expected_never = f > M or -(-f // 16) > 3
         else:
-            expected = {"max-reserve": 80, "pow2": min(pow2, 80), "oracle": f}[policy]
+            expected = {"max-reserve": M, "pow2": min(pow2, M), "oracle": f}[policy]
             assert size == expected, (f, size)
-            expected_never = f > 80 or expected > 60
+            expected_never = f > M or expected > 60
         assert never == expected_never, f
 
 

@@ -9,6 +9,7 @@ paper's setting, `run_policies`, `block_size_sweep`); this module only draws the
 
 from __future__ import annotations
 
+import html
 import io
 
 import ipywidgets as W
@@ -19,8 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from kvlab import workloads
-from kvlab.fragmentation import (CATEGORIES, PAPER_NAMES, PAPER_TOKEN_STATES, USED_OR_LOST, AllocationResult,
-                                 opt13b_capacity_tokens, run_policies)
+from kvlab.fragmentation import (CATEGORIES, PAPER_NAMES, PAPER_TOKEN_STATES, POLICIES, USED_OR_LOST,
+                                 AllocationResult, opt13b_capacity_tokens, simulate_allocation)
 
 COLORS = {"free": "#f2f2f2", "token_states": "#4c72b0", "reservation": "#8fbce6",
           "internal_fragmentation": "#dd8452", "external_fragmentation": "#c44e52"}
@@ -128,14 +129,24 @@ def plot_block_size_sweep(sweep: dict, ax=None):
 
 
 class FragmentationExplorer(W.VBox):
-    """Sliders for block size, KV capacity, arrival rate, max length and workload; bars and batch sizes redraw."""
+    """Sliders for block size, KV capacity, arrival rate, max length and workload; bars and batch sizes redraw.
+
+    A callback never raises: a setting under which a policy cannot run (say max-reserve with regions
+    larger than the KV memory) is said in the message area, the other policies are drawn, and the
+    figure and table always show the current inputs.
+    """
 
     RATES = [("all at once", None), ("0.02 / step", 0.02), ("0.05 / step", 0.05), ("0.1 / step", 0.1),
              ("0.2 / step", 0.2)]
 
     def __init__(self, n: int = 5000, seed: int = 0, kv_gib: float = 12.0, block_size: int = 16,
                  max_seq_len: int = 2048, rate: float | None = 0.1, workload: str = "sharegpt-like"):
-        self.n, self.seed = n, seed
+        for name, value, minimum in (("n", n, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
+            if value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        self.n, self.seed = int(n), int(seed)
         style = {"description_width": "130px"}
         layout = W.Layout(width="420px")
         self.block_size = W.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=block_size,
@@ -149,28 +160,47 @@ class FragmentationExplorer(W.VBox):
         self.workload = W.Dropdown(options=list(WORKLOADS), value=workload, description="workload",
                                    style=style, layout=layout)
         self.readout = W.HTML()
+        self.message = W.HTML()             # errors: what could not run, and why
         self.image = W.Image(format="png")  # the figure, rendered once per update (no pyplot state)
         controls = [self.workload, self.rate, self.kv_gib, self.max_seq_len, self.block_size]
         for c in controls:
             c.observe(lambda _: self.update(), names="value")
-        super().__init__([W.HBox([W.VBox(controls), self.readout]), self.image])
+        super().__init__([W.HBox([W.VBox(controls + [self.message]), self.readout]), self.image])
         self.results: dict[str, AllocationResult] = {}
+        self.errors: dict[str, str] = {}
+        self.capacity: int | None = None
         self.update()
 
     def compute(self) -> dict[str, AllocationResult]:
-        """Draw the workload and run the four policies with the current settings."""
+        """Draw the workload and run the four policies with the current settings. A policy that cannot
+        run under them is left out of `results`, with the reason in `errors`."""
+        self.results, self.errors, self.capacity = {}, {}, None
         make = WORKLOADS[self.workload.value]
         wl = make(self.n, self.seed, rate=self.rate.value, max_len=self.max_seq_len.value)
-        capacity = opt13b_capacity_tokens(self.kv_gib.value)
-        self.results = run_policies(wl, capacity, self.max_seq_len.value, self.block_size.value)
+        self.capacity = capacity = opt13b_capacity_tokens(self.kv_gib.value)
+        for policy in POLICIES:
+            try:
+                self.results[policy] = simulate_allocation(wl, policy, capacity, self.max_seq_len.value,
+                                                           self.block_size.value)
+            except ValueError as err:
+                self.errors[policy] = str(err)
         return self.results
 
     def update(self):
-        res = self.compute()
-        capacity = opt13b_capacity_tokens(self.kv_gib.value)
+        """Recompute and redraw; never raises (it is the controls' callback): errors go to the message area."""
+        try:
+            self.compute()
+        except Exception as err:  # noqa: BLE001  (a callback must not raise: show it instead)
+            self.results, self.errors = {}, {"settings": f"{type(err).__name__}: {err}"}
+        self.message.value = "".join(f"<p style='color:#c44e52'><b>{html.escape(k)}</b>: {html.escape(v)}</p>"
+                                     for k, v in self.errors.items())
+        res = self.results
         rows = "".join(f"<tr><td>{p}</td>" + "".join(f"<td>{v:.1%}</td>" for v in r.fractions().values())
                        + f"<td>{r.mean_batch_size:.1f}</td><td>{r.num_rejected}</td></tr>" for p, r in res.items())
-        self.readout.value = (f"<b>{capacity:,}</b> KV slots; {self.n:,} requests<br>"
+        rows += "".join(f"<tr><td>{p}</td><td colspan='6'>cannot run (see the message)</td></tr>"
+                        for p in self.errors if p in POLICIES)
+        slots = f"{self.capacity:,}" if self.capacity is not None else "?"
+        self.readout.value = (f"<b>{slots}</b> KV slots; {self.n:,} requests<br>"
                               "<table><tr><th>policy</th><th>tokens</th><th>reserved</th><th>internal</th>"
                               f"<th>external</th><th>batch</th><th>rejected</th></tr>{rows}</table>")
         buf = io.BytesIO()
@@ -178,8 +208,12 @@ class FragmentationExplorer(W.VBox):
         self.image.value = buf.getvalue()
 
     def figure(self) -> Figure:
-        """The bars and batch sizes of the last compute()."""
+        """The bars and batch sizes of the last compute() (a note instead where nothing could run)."""
         fig = Figure(figsize=(11, 3.4), dpi=72)
+        if not self.results:
+            fig.text(0.5, 0.5, "nothing to draw: " + "; ".join(self.errors.values())[:150], ha="center",
+                     va="center", wrap=True)
+            return fig
         a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
         plot_breakdown(self.results, a, paper=False, labels=False,  # numbers are in the table: text is slow to draw
                        title=f"{self.workload.value}, block {self.block_size.value}, max {self.max_seq_len.value}")
