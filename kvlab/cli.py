@@ -12,11 +12,12 @@ list it in `SUBCOMMANDS`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 
-from kvlab import memory
+from kvlab import checks, memory
 from kvlab.model.presets import PRESETS, list_presets
 from kvlab.model.spec import ModelSpec
 
@@ -61,7 +62,8 @@ def _parse_gpu(text: str, parser: argparse.ArgumentParser):
         parser.error(f"--gpu {text!r}: not a GPU preset ({', '.join(memory.GPUS)}) nor a size like 24GiB")
     if not (math.isfinite(value) and value >= 1):   # nan and inf parse as floats too
         parser.error(f"--gpu {text!r}: memory must be positive and finite (at least 1 byte)")
-    return int(value)
+    with usage_errors(parser):
+        return memory.gpu_bytes(int(value), arg="--gpu")[1]
 
 
 def format_list() -> str:
@@ -113,17 +115,34 @@ def cmd_memory(args, parser: argparse.ArgumentParser) -> int:
     gpu = _parse_gpu(args.gpu, parser)
     if args.context is None:
         args.context = min(4096, spec.max_position_embeddings or 4096)
-    try:
+    with usage_errors(parser):   # each flag checked under its own name, before the plan is computed
+        memory.dtype_bits(args.kv_dtype, arg="--kv-dtype")
+        memory.dtype_bits(args.weight_dtype, arg="--weight-dtype")
+        memory.kv_heads_per_gpu(spec, args.tp, arg="--tp")
+        memory.cached_tokens(spec, args.context, arg="--context")
+        checks.in_range("--utilization", args.utilization, 0, 1, "a fraction in (0, 1]", low_open=True)
+        reserve_gib = checks.in_range("--reserve-gib", args.reserve_gib, 0, checks.INT64_MAX / memory.GiB,
+                                      "a finite number of GiB >= 0 (below 2**33)")
         plan = memory.memory_plan(spec, gpu=gpu, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,
                                   context_len=args.context, gpu_memory_utilization=args.utilization,
-                                  tensor_parallel=args.tp, reserve_bytes=int(args.reserve_gib * memory.GiB))
-    except ValueError as err:
-        parser.error(str(err))
+                                  tensor_parallel=args.tp, reserve_bytes=int(reserve_gib * memory.GiB))
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(format_plan(plan, spec))
     return 0
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def usage_errors(parser: argparse.ArgumentParser):
+    """Turn a ValueError or TypeError raised inside into a usage error (message, exit 2). The
+    checks inside name the flag (kvlab's checks take the name to use, e.g. arg="--context")."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
 
 
 # ---- the command -------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ divided by the bytes one request's cache needs is how many requests fit at once.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
+from kvlab import checks
 from kvlab.model.spec import ModelSpec
 
 GiB = 1024**3
@@ -72,42 +72,50 @@ def list_gpus() -> dict[str, int]:
     return dict(GPUS)
 
 
-def dtype_bits(dtype) -> int:
-    """Bits per element of a KV or weight dtype name ("float16", "fp8", "int4", ... or a torch.dtype)."""
+def dtype_bits(dtype, *, arg: str = "dtype") -> int:
+    """Bits per element of a KV or weight dtype name ("float16", "fp8", "int4", ... or a torch.dtype).
+    `arg` names the argument in an error message."""
+    allowed = f"{', '.join(KV_DTYPE_BITS)} (or aliases {', '.join(_DTYPE_ALIASES)})"
+    if not isinstance(dtype, str) and type(dtype).__name__ != "dtype":       # torch.dtype (or numpy's)
+        raise TypeError(f"{arg} must be a dtype name or a torch.dtype, one of {allowed}; got {checks.shown(dtype)}")
     name = str(dtype).removeprefix("torch.").lower()
     name = _DTYPE_ALIASES.get(name, name)
     if name not in KV_DTYPE_BITS:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(KV_DTYPE_BITS)} "
-                         f"(or aliases {', '.join(_DTYPE_ALIASES)})")
+        raise ValueError(f"{arg}: unknown dtype {dtype!r}; allowed: {allowed}")
     return KV_DTYPE_BITS[name]
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def check_spec(spec) -> ModelSpec:
+    """spec itself, when it is a ModelSpec (which checked its own fields when it was made)."""
+    if not isinstance(spec, ModelSpec):
+        hint = f" (for a preset: ModelSpec.preset({spec!r}))" if isinstance(spec, str) else ""
+        raise TypeError(f"spec must be a ModelSpec{hint}, got {checks.shown(spec)}")
+    return spec
 
 
-def kv_heads_per_gpu(spec: ModelSpec, tensor_parallel: int = 1) -> int:
+def kv_heads_per_gpu(spec: ModelSpec, tensor_parallel: int = 1, *, arg: str = "tensor_parallel") -> int:
     """KV heads each GPU caches under tensor parallelism.
 
     Query heads are split evenly over the GPUs, and each GPU keeps the KV heads its query
     heads read. With more GPUs than KV heads (e.g. Llama-3-8B's 8 KV heads on 16 GPUs), KV
     heads are *replicated*: each GPU still holds one whole KV head, so the per-GPU cache stops
     shrinking. MLA's latent is shared by all heads, so every GPU caches all of it (returns 1).
+    `arg` names the argument in an error message.
     """
-    _check_positive_int("tensor_parallel", tensor_parallel)
+    check_spec(spec)
+    tensor_parallel = checks.count(arg, tensor_parallel)
     if spec.num_heads % tensor_parallel:
-        raise ValueError(f"tensor_parallel={tensor_parallel} must divide {spec.name}'s {spec.num_heads} "
+        raise ValueError(f"{arg}={tensor_parallel} must divide {spec.name}'s {spec.num_heads} "
                          f"query heads; allowed: {_divisors(spec.num_heads)}")
     if spec.attention == "mla":
         return 1
     if spec.num_kv_heads >= tensor_parallel:
         if spec.num_kv_heads % tensor_parallel:
-            raise ValueError(f"tensor_parallel={tensor_parallel} must divide {spec.name}'s {spec.num_kv_heads} KV heads "
+            raise ValueError(f"{arg}={tensor_parallel} must divide {spec.name}'s {spec.num_kv_heads} KV heads "
                              f"(or be a multiple of them); allowed: {_allowed_tp(spec)}")
         return spec.num_kv_heads // tensor_parallel
     if tensor_parallel % spec.num_kv_heads:
-        raise ValueError(f"tensor_parallel={tensor_parallel} exceeds {spec.name}'s {spec.num_kv_heads} KV heads and "
+        raise ValueError(f"{arg}={tensor_parallel} exceeds {spec.name}'s {spec.num_kv_heads} KV heads and "
                          f"is not a multiple of them, so KV heads cannot be replicated evenly; allowed: {_allowed_tp(spec)}")
     return 1  # replicated: tensor_parallel / num_kv_heads GPUs hold a copy of each KV head
 
@@ -132,20 +140,23 @@ def kv_bytes_per_token(spec: ModelSpec, kv_dtype="float16", tensor_parallel: int
     MLA: num_layers * (kv_lora_rank + qk_rope_head_dim) * bytes_per_element (no separate V).
     Quantization scales are not counted (see KV_DTYPE_BITS). int4 packs two elements a byte.
     """
-    bits = dtype_bits(kv_dtype)
+    check_spec(spec)
+    bits = dtype_bits(kv_dtype, arg="kv_dtype")
     heads = kv_heads_per_gpu(spec, tensor_parallel)  # also checks that TP divides the heads
     if spec.attention == "mla":
         elements = spec.num_layers * (spec.kv_lora_rank + spec.qk_rope_head_dim)  # latent c_KV + RoPE key k^R
     else:
         elements = spec.num_layers * 2 * heads * spec.head_dim                    # K and V, each (heads, head_dim)
-    return math.ceil(elements * bits / 8)
+    return -(-elements * bits // 8)                     # ceil, in exact integers
 
 
-def cached_tokens(spec: ModelSpec, seq_len: int) -> int:
-    """Tokens a request of seq_len tokens keeps in its cache: all of them, or the sliding window."""
-    _check_positive_int("seq_len", seq_len)
+def cached_tokens(spec: ModelSpec, seq_len: int, *, arg: str = "seq_len") -> int:
+    """Tokens a request of seq_len tokens keeps in its cache: all of them, or the sliding window.
+    `arg` names the argument in an error message."""
+    check_spec(spec)
+    seq_len = checks.count(arg, seq_len)
     if spec.max_position_embeddings and seq_len > spec.max_position_embeddings:
-        raise ValueError(f"seq_len {seq_len} exceeds {spec.name}'s maximum context of "
+        raise ValueError(f"{arg} {seq_len} exceeds {spec.name}'s maximum context of "
                          f"{spec.max_position_embeddings} tokens; allowed: 1..{spec.max_position_embeddings}")
     return min(seq_len, spec.sliding_window) if spec.sliding_window else seq_len
 
@@ -156,13 +167,15 @@ def kv_cache_bytes(spec: ModelSpec, seq_len: int, batch_size: int = 1, kv_dtype=
 
     With a sliding window the cache holds at most `sliding_window` tokens per layer.
     """
-    _check_positive_int("batch_size", batch_size)
+    check_spec(spec)
+    batch_size = checks.count("batch_size", batch_size)
     return batch_size * cached_tokens(spec, seq_len) * kv_bytes_per_token(spec, kv_dtype, tensor_parallel)
 
 
 def rule_of_thumb_bytes_per_token(spec: ModelSpec, kv_dtype="float16") -> int:
     """The common rule of thumb, num_layers * 2 * hidden_size * bytes: right for MHA only."""
-    return math.ceil(spec.num_layers * 2 * spec.hidden_size * dtype_bits(kv_dtype) / 8)
+    check_spec(spec)
+    return -(-spec.num_layers * 2 * spec.hidden_size * dtype_bits(kv_dtype, arg="kv_dtype") // 8)
 
 
 def weight_bytes(spec: ModelSpec, weight_dtype="bfloat16", tensor_parallel: int = 1) -> int:
@@ -170,20 +183,25 @@ def weight_bytes(spec: ModelSpec, weight_dtype="bfloat16", tensor_parallel: int 
 
     (Norms and biases are in fact replicated, but they are a tiny fraction of the weights.)
     """
+    check_spec(spec)
+    bits = dtype_bits(weight_dtype, arg="weight_dtype")
+    tensor_parallel = checks.count("tensor_parallel", tensor_parallel)
     if spec.num_params is None:
         raise ValueError(f"{spec.name} has no num_params, so its weight memory is unknown; set num_params")
-    _check_positive_int("tensor_parallel", tensor_parallel)
-    return math.ceil(spec.num_params * dtype_bits(weight_dtype) / 8 / tensor_parallel)
+    return -(-spec.num_params * bits // (8 * tensor_parallel))     # ceil, in exact integers
 
 
-def gpu_bytes(gpu) -> tuple[str, int]:
-    """(name, bytes) for a GPU preset name or a plain byte count."""
+def gpu_bytes(gpu, *, arg: str = "gpu") -> tuple[str, int]:
+    """(name, bytes) for a GPU preset name or a plain byte count (an int, or a whole float such
+    as 80e9; at least 1 and below 2**63). `arg` names the argument in an error message."""
+    allowed = f"a GPU preset name ({', '.join(GPUS)}) or a positive whole number of bytes below 2**63"
     if isinstance(gpu, str):
         if gpu not in GPUS:
-            raise ValueError(f"unknown GPU {gpu!r}; allowed: {', '.join(GPUS)}, or a number of bytes")
+            raise ValueError(f"unknown GPU {gpu!r} for {arg}; allowed: {allowed}")
         return gpu, GPUS[gpu]
-    if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu <= 0:
-        raise ValueError(f"gpu must be a preset name ({', '.join(GPUS)}) or a positive number of bytes, got {gpu!r}")
+    gpu = checks.whole_number(arg, gpu, 1, allowed)
+    if gpu > checks.INT64_MAX:
+        raise ValueError(f"{arg} must be {allowed}, got {checks.brief(gpu)}")
     return f"{gpu / GiB:.1f} GiB", gpu
 
 
@@ -227,15 +245,19 @@ def memory_plan(spec: ModelSpec, gpu="H100-80GB", weight_dtype="bfloat16", kv_dt
     max_concurrent_requests = (kv_budget // kv_bytes_per_token) // cached tokens per request.
     When the weights (plus reserve) alone do not fit, fits is False and max_concurrent_requests is 0.
     """
+    check_spec(spec)
     gpu_name, total = gpu_bytes(gpu)
-    if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
-            or not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
-    if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
-        raise ValueError(f"reserve_bytes must be a non-negative integer, got {reserve_bytes!r}")
-    per_token = kv_bytes_per_token(spec, kv_dtype, tensor_parallel)   # validates kv_dtype and TP
-    tokens_per_request = cached_tokens(spec, context_len)             # validates context_len
-    weights = weight_bytes(spec, weight_dtype, tensor_parallel)        # validates weight_dtype
+    gpu_memory_utilization = checks.in_range("gpu_memory_utilization", gpu_memory_utilization, 0, 1,
+                                             "a number in (0, 1]", low_open=True)
+    allowed = "a whole number of bytes >= 0 and below 2**63"
+    reserve_bytes = checks.whole_number("reserve_bytes", reserve_bytes, 0, allowed)
+    if reserve_bytes > checks.INT64_MAX:
+        raise ValueError(f"reserve_bytes must be {allowed}, got {checks.brief(reserve_bytes)}")
+    context_len = checks.count("context_len", context_len)             # plain ints from here on
+    tensor_parallel = checks.count("tensor_parallel", tensor_parallel)
+    per_token = kv_bytes_per_token(spec, kv_dtype, tensor_parallel)   # checks kv_dtype and TP
+    tokens_per_request = cached_tokens(spec, context_len, arg="context_len")
+    weights = weight_bytes(spec, weight_dtype, tensor_parallel)        # checks weight_dtype
 
     usable = int(total * gpu_memory_utilization)
     budget = max(0, usable - weights - reserve_bytes)
@@ -279,8 +301,11 @@ def measured_cache_bytes(past_key_values) -> int:
     """
     if hasattr(past_key_values, "layers"):
         pairs = [(layer.keys, layer.values) for layer in past_key_values.layers]
-    else:
+    elif isinstance(past_key_values, (tuple, list)):
         pairs = [tuple(layer) for layer in past_key_values]
+    else:
+        raise TypeError(f"past_key_values must be a transformers Cache (with .layers) or a tuple of (key, value) "
+                        f"pairs, got {checks.shown(past_key_values)}")
     return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
 
 

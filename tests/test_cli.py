@@ -52,25 +52,48 @@ def test_list(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["memory", "--model", "gpt-5"], "not a preset"),
     (["memory", "--gpu", "B300"], "not a GPU preset"),
-    (["memory", "--gpu=-3GiB"], "must be positive"),
+    (["memory", "--gpu=-3GiB"], "--gpu '-3GiB': memory must be positive"),
     (["memory", "--gpu", "0GB"], "must be positive"),
     (["memory", "--gpu", "inf"], "must be positive and finite"),
     (["memory", "--gpu", "infGiB"], "must be positive and finite"),
     (["memory", "--gpu", "nan"], "must be positive and finite"),
     (["memory", "--gpu", "0.5b"], "at least 1 byte"),
-    (["memory", "--context", "0"], "seq_len must be a positive integer"),
-    (["memory", "--context", "lots"], "invalid int value"),
-    (["memory", "--model", "llama-2-7b", "--context", "8192"], "maximum context"),
-    (["memory", "--kv-dtype", "fp6"], "unknown dtype"),
-    (["memory", "--tp", "3"], "must divide"),
-    (["memory", "--utilization", "0"], "gpu_memory_utilization"),
+    (["memory", "--gpu", "1e30GiB"], "--gpu must be a GPU preset name"),
+    (["memory", "--context", "0"], "--context must be a positive integer below 2**63, got 0"),
+    (["memory", "--context=-5"], "--context must be a positive integer below 2**63, got -5"),
+    (["memory", "--context", "lots"], "argument --context: invalid int value"),
+    (["memory", "--model", "llama-2-7b", "--context", "8192"], "--context 8192 exceeds llama-2-7b's maximum context"),
+    (["memory", "--kv-dtype", "fp6"], "--kv-dtype: unknown dtype 'fp6'; allowed: float32"),
+    (["memory", "--weight-dtype", "fp6"], "--weight-dtype: unknown dtype 'fp6'; allowed: float32"),
+    (["memory", "--tp", "3"], "--tp=3 must divide llama-3-8b's 32 query heads; allowed: [1, 2, 4, 8, 16, 32]"),
+    (["memory", "--tp", "0"], "--tp must be a positive integer"),
+    (["memory", "--utilization", "0"], "--utilization must be a fraction in (0, 1], got 0.0"),
+    (["memory", "--utilization", "nan"], "--utilization must be a fraction in (0, 1], got nan"),
+    (["memory", "--utilization", "1.01"], "--utilization must be a fraction in (0, 1], got 1.01"),
+    (["memory", "--reserve-gib", "inf"], "--reserve-gib must be a finite number of GiB >= 0"),
+    (["memory", "--reserve-gib=-inf"], "--reserve-gib must be a finite number of GiB >= 0"),
+    (["memory", "--reserve-gib", "nan"], "--reserve-gib must be a finite number of GiB >= 0 (below 2**33), got nan"),
+    (["memory", "--reserve-gib=-1"], "--reserve-gib must be a finite number of GiB >= 0 (below 2**33), got -1.0"),
+    (["memory", "--reserve-gib", "1e12"], "--reserve-gib must be a finite number of GiB >= 0 (below 2**33)"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    """Every bad flag: exit 2, a usage line, and a message that names the flag (the Python
+    parameter names, seq_len or reserve_bytes, mean nothing on the command line)."""
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "usage: kvlab" in err and message in err
+    for python_name in ("seq_len", "context_len", "reserve_bytes", "tensor_parallel", "gpu_memory_utilization",
+                        "kv_dtype", "weight_dtype", "Traceback"):
+        assert python_name not in err
+
+
+def test_reserve_gib_is_used(capsys):
+    assert main(["memory", "--reserve-gib", "0", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["reserve_bytes"] == 0
+    assert plan == kvlab.memory_plan(kvlab.ModelSpec.preset("llama-3-8b"), "H100-80GB", reserve_bytes=0).to_dict()
 
 
 def test_python_dash_m_kvlab():

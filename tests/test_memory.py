@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,7 +201,7 @@ def test_concurrency_is_limited_by_kv_not_weights():
     (lambda s: kvlab.kv_cache_bytes(s, 8193), "maximum context"),
     (lambda s: kvlab.kv_bytes_per_token(s, "float12"), "unknown dtype"),
     (lambda s: kvlab.memory_plan(s, gpu="B200"), "unknown GPU"),
-    (lambda s: kvlab.memory_plan(s, gpu=-1), "positive number of bytes"),
+    (lambda s: kvlab.memory_plan(s, gpu=-1), "gpu must be a GPU preset name .* or a positive whole number of bytes"),
     (lambda s: kvlab.memory_plan(s, tensor_parallel=3), "must divide"),
     (lambda s: kvlab.memory_plan(s, tensor_parallel=0), "tensor_parallel"),
     (lambda s: kvlab.memory_plan(s, context_len=100_000), "maximum context"),
@@ -212,6 +213,130 @@ def test_bad_input_raises_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message) as info:
         call(spec)
     assert "allowed" in str(info.value) or "must" in str(info.value)
+
+
+# ---- bad input: every message names the argument and what is allowed (issue 12) ----------------
+
+SHAPE = dict(name="x", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+             intermediate_size=128, vocab_size=100, num_params=10_000)
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("num_layers", True, TypeError, "num_layers must be a positive integer below 2**63, got the bool True"),
+    ("num_layers", 2.0, TypeError, "num_layers must be a positive integer below 2**63, got float 2.0"),
+    ("hidden_size", "64", TypeError, "hidden_size must be a positive integer below 2**63, got str '64'"),
+    ("head_dim", None, TypeError, "head_dim must be a positive integer below 2**63, got None"),
+    ("num_params", -7_000_000_000, ValueError, "num_params must be a positive integer below 2**63 or None, got -7"),
+    ("num_params", 0, ValueError, "num_params must be a positive integer below 2**63 or None, got 0"),
+    ("num_params", 7e9, TypeError, "num_params must be a positive integer below 2**63 or None, got float"),
+    ("sliding_window", 4096.5, TypeError, "sliding_window must be a positive integer below 2**63 or None"),
+    ("sliding_window", 0, ValueError, "sliding_window must be a positive integer below 2**63 or None, got 0"),
+    ("max_position_embeddings", -1, ValueError, "max_position_embeddings must be a positive integer"),
+    ("intermediate_size", -1, ValueError, "intermediate_size must be a positive integer below 2**63, got -1"),
+    ("vocab_size", 2**63, ValueError, "vocab_size must be a positive integer below 2**63, got 9223372036854775808"),
+    ("attention", "linear", ValueError, "attention must be one of ('mha', 'gqa', 'mqa', 'mla') or None"),
+    ("name", "", ValueError, "ModelSpec name must be a non-empty string"),
+    ("name", None, TypeError, "ModelSpec name must be a non-empty string, got None"),
+])
+def test_spec_rejects_impossible_fields(field, value, error, message):
+    """Before: a negative or zero num_params gave fits=True with a KV budget larger than the card,
+    a fractional sliding window made byte counts floats, num_layers=True was one layer."""
+    with pytest.raises(error) as info:
+        kvlab.ModelSpec(**{**SHAPE, field: value})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(kv_lora_rank=-512, qk_rope_head_dim=64), "kv_lora_rank must be a positive integer below 2**63 or None"),
+    (dict(kv_lora_rank=512, qk_rope_head_dim=0), "qk_rope_head_dim must be a positive integer below 2**63 or None"),
+    (dict(kv_lora_rank=512), "MLA needs kv_lora_rank and qk_rope_head_dim"),
+])
+def test_spec_rejects_impossible_mla_fields(changes, message):
+    """Before: a negative kv_lora_rank gave negative bytes per token and a negative request count."""
+    with pytest.raises(ValueError) as info:
+        kvlab.ModelSpec(**{**SHAPE, "num_kv_heads": 4, **changes})
+    assert message in str(info.value)
+
+
+def test_spec_takes_numpy_integers_as_plain_ints():
+    spec = kvlab.ModelSpec(**{**SHAPE, "num_layers": np.int64(2), "num_params": np.int32(10_000),
+                              "sliding_window": np.uint16(8)})
+    assert spec == kvlab.ModelSpec(**{**SHAPE, "sliding_window": 8})
+    assert type(spec.num_layers) is int and type(spec.num_params) is int and type(spec.sliding_window) is int
+    assert kvlab.kv_bytes_per_token(spec, "float16") == 2 * 2 * 2 * 16 * 2
+
+
+def test_from_hf_config_refuses_a_head_dim_it_would_have_to_floor():
+    """hidden 100 over 3 heads is no whole head width; it used to become 33 without a word."""
+    config = dict(model_type="llama", hidden_size=100, num_attention_heads=3, num_hidden_layers=2,
+                  intermediate_size=64, vocab_size=100)
+    with pytest.raises(ValueError, match="hidden size 100 is not divisible by 3 attention heads and the config "
+                                         "names no head_dim"):
+        kvlab.ModelSpec.from_hf_config(config)
+    with pytest.raises(ValueError, match="not divisible"):
+        kvlab.ModelSpec.from_hf_config(dict(model_type="gpt2", n_embd=100, n_head=3, n_layer=1, vocab_size=10))
+    assert kvlab.ModelSpec.from_hf_config({**config, "head_dim": 32}).head_dim == 32   # named: no division
+
+
+@pytest.mark.parametrize("config, error, message", [
+    (None, TypeError, "config must be a transformers PretrainedConfig or a dict of its fields, got None"),
+    ("llama-3-8b", TypeError, "got str 'llama-3-8b'"),
+    (dict(model_type="llama", hidden_size=64), ValueError, "config has no 'num_attention_heads'"),
+    (dict(model_type="llama", hidden_size=64.0, num_attention_heads=4, num_hidden_layers=2, intermediate_size=8,
+          vocab_size=10), TypeError, "config hidden size must be a positive integer, got float 64.0"),
+])
+def test_from_hf_config_bad_configs(config, error, message):
+    with pytest.raises(error) as info:
+        kvlab.ModelSpec.from_hf_config(config)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s: kvlab.kv_bytes_per_token(None), TypeError, "spec must be a ModelSpec, got None"),
+    (lambda s: kvlab.kv_bytes_per_token("llama-3-8b"), TypeError,
+     "spec must be a ModelSpec (for a preset: ModelSpec.preset('llama-3-8b')), got str 'llama-3-8b'"),
+    (lambda s: kvlab.memory_plan({"num_layers": 32}), TypeError, "spec must be a ModelSpec, got dict"),
+    (lambda s: kvlab.kv_cache_bytes(s, 4096.0), TypeError, "seq_len must be a positive integer below 2**63, got float"),
+    (lambda s: kvlab.kv_cache_bytes(s, True), TypeError, "seq_len must be a positive integer below 2**63, got the bool"),
+    (lambda s: kvlab.kv_cache_bytes(s, 10, batch_size=None), TypeError, "batch_size must be a positive integer"),
+    (lambda s: kvlab.kv_bytes_per_token(s, None), TypeError, "kv_dtype must be a dtype name or a torch.dtype"),
+    (lambda s: kvlab.kv_bytes_per_token(s, torch.int64), ValueError, "kv_dtype: unknown dtype torch.int64; allowed"),
+    (lambda s: kvlab.memory_plan(s, gpu=float("inf")), ValueError, "gpu must be a GPU preset name"),
+    (lambda s: kvlab.memory_plan(s, gpu=float("nan")), ValueError, "positive whole number of bytes below 2**63, got nan"),
+    (lambda s: kvlab.memory_plan(s, gpu=80.5e9 + 0.5), ValueError, "positive whole number of bytes"),
+    (lambda s: kvlab.memory_plan(s, gpu=2**70), ValueError, "below 2**63, got 1180591620717411303424"),
+    (lambda s: kvlab.memory_plan(s, gpu=None), TypeError, "gpu must be a GPU preset name"),
+    (lambda s: kvlab.memory_plan(s, gpu_memory_utilization=float("nan")), ValueError,
+     "gpu_memory_utilization must be a number in (0, 1], got nan"),
+    (lambda s: kvlab.memory_plan(s, gpu_memory_utilization=True), TypeError,
+     "gpu_memory_utilization must be a number in (0, 1], got the bool True"),
+    (lambda s: kvlab.memory_plan(s, gpu_memory_utilization="0.9"), TypeError, "got str '0.9'"),
+    (lambda s: kvlab.memory_plan(s, reserve_bytes=-1), ValueError, "reserve_bytes must be a whole number of bytes >= 0"),
+    (lambda s: kvlab.memory_plan(s, reserve_bytes=float("inf")), ValueError, "reserve_bytes must be a whole number"),
+    (lambda s: kvlab.memory_plan(s, context_len=8193), ValueError,
+     "context_len 8193 exceeds llama-3-8b's maximum context of 8192 tokens; allowed: 1..8192"),
+    (lambda s: kvlab.memory_plan(s, context_len=0), ValueError, "context_len must be a positive integer"),
+    (lambda s: kvlab.memory_plan(s, tensor_parallel=2.0), TypeError, "tensor_parallel must be a positive integer"),
+    (lambda s: kvlab.memory_plan(s, weight_dtype="fp6"), ValueError, "weight_dtype: unknown dtype 'fp6'; allowed"),
+])
+def test_bad_arguments_name_the_argument_and_what_is_allowed(call, error, message):
+    spec = kvlab.ModelSpec.preset("llama-3-8b")
+    with pytest.raises(error) as info:
+        call(spec)
+    assert message in str(info.value)
+
+
+def test_numpy_numbers_are_numbers():
+    """np.int64(4096) is a context length and np.float32(0.9) a utilization (they used to be
+    refused with 'must be a positive integer, got np.int64(4096)')."""
+    spec = kvlab.ModelSpec.preset("llama-3-8b")
+    plain = kvlab.memory_plan(spec, "H100-80GB", context_len=4096, gpu_memory_utilization=0.875, tensor_parallel=2)
+    numpy = kvlab.memory_plan(spec, "H100-80GB", context_len=np.int64(4096), gpu_memory_utilization=np.float32(0.875),
+                              tensor_parallel=np.int8(2), reserve_bytes=np.int64(GiB))
+    assert numpy == plain and type(numpy.context_len) is int and type(numpy.tensor_parallel) is int
+    assert kvlab.memory_plan(spec, np.int64(80 * GiB)) == kvlab.memory_plan(spec, 80 * GiB)
+    assert kvlab.memory_plan(spec, 85_899_345_920.0) == kvlab.memory_plan(spec, 80 * GiB)   # a whole float
+    assert kvlab.kv_cache_bytes(spec, np.int32(1024), batch_size=np.int64(3)) == kvlab.kv_cache_bytes(spec, 1024, 3)
 
 
 def test_tp_error_lists_allowed_degrees():
@@ -346,7 +471,7 @@ def test_comparison_rows():
     assert by["llama-3-8b"]["kv_bytes_per_token"] * 4 == by["llama-2-7b"]["kv_bytes_per_token"]
     assert by["falcon-7b"]["max_concurrent_requests"] > by["llama-3-8b"]["max_concurrent_requests"]
     assert by["deepseek-v3"]["fits"] is False and by["deepseek-v3"]["max_concurrent_requests"] == 0
-    assert compare(["falcon-7b"], context_len=4096)[0]["error"].startswith("seq_len 4096 exceeds")
+    assert compare(["falcon-7b"], context_len=4096)[0]["error"].startswith("context_len 4096 exceeds")
 
 
 def test_calculator_widgets_do_not_share_layouts():

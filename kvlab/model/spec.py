@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from kvlab import checks
+
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 
 
@@ -39,29 +41,40 @@ class ModelSpec:
     source: str = ""                    # where the numbers come from
 
     def __post_init__(self):
-        for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelSpec {self.name!r}: {field} must be a positive integer, got {value!r}")
+        """Validate once, here, so that everything computed from a spec can trust it: counts are
+        positive ints (numpy integers are converted, bool is refused), the optional ones too
+        when set, and the attention kind agrees with the head counts."""
+        checks.text("ModelSpec name", self.name, "a non-empty string")
+        where = f"ModelSpec {self.name!r}"
+        for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                      "vocab_size"):
+            object.__setattr__(self, field, checks.count(f"{where}: {field}", getattr(self, field)))
+        for field in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "sliding_window", "max_position_embeddings",
+                      "num_params"):      # frozen dataclass: set once, here
+            object.__setattr__(self, field, checks.count(f"{where}: {field}", getattr(self, field), optional=True))
+        for field in ("architecture", "source"):
+            if not isinstance(getattr(self, field), str):
+                raise TypeError(f"{where}: {field} must be a string, got {checks.shown(getattr(self, field))}")
         implied = _attention_kind(self.num_heads, self.num_kv_heads, self.kv_lora_rank)
         if self.attention is None:
-            object.__setattr__(self, "attention", implied)   # frozen dataclass: set once, here
+            object.__setattr__(self, "attention", implied)
+        elif not isinstance(self.attention, str):
+            raise TypeError(f"{where}: attention must be one of {ATTENTION_KINDS} or None, "
+                            f"got {checks.shown(self.attention)}")
         elif self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"ModelSpec {self.name!r}: attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+            raise ValueError(f"{where}: attention must be one of {ATTENTION_KINDS} or None, got {self.attention!r}")
         elif self.attention != implied:
             raise ValueError(
-                f"ModelSpec {self.name!r}: attention={self.attention!r} does not match the shapes: "
+                f"{where}: attention={self.attention!r} does not match the shapes: "
                 f"{self.num_heads} query heads, {self.num_kv_heads} KV heads"
                 f"{f', kv_lora_rank {self.kv_lora_rank}' if self.kv_lora_rank else ''} make it {implied!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"ModelSpec {self.name!r}: num_heads ({self.num_heads}) must be a multiple of "
+                f"{where}: num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads}) so that each KV head serves a whole group of query heads"
             )
         if self.attention == "mla" and not (self.kv_lora_rank and self.qk_rope_head_dim):
-            raise ValueError(f"ModelSpec {self.name!r}: MLA needs kv_lora_rank and qk_rope_head_dim")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"ModelSpec {self.name!r}: sliding_window must be positive or None, got {self.sliding_window}")
+            raise ValueError(f"{where}: MLA needs kv_lora_rank and qk_rope_head_dim (positive integers)")
 
     @property
     def group_size(self) -> int:
@@ -75,6 +88,9 @@ class ModelSpec:
     def preset(cls, name: str) -> "ModelSpec":
         from kvlab.model.presets import PRESETS
 
+        if not isinstance(name, str):
+            raise TypeError(f"preset name must be a string, one of {', '.join(sorted(PRESETS))}; "
+                            f"got {checks.shown(name)}")
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
         return PRESETS[name]
@@ -84,17 +100,19 @@ class ModelSpec:
         """Read a Hugging Face config (object or dict): Llama, Mistral, Qwen2, GPT-2, OPT, Falcon, DeepSeek-V2/V3."""
         c = _Config(config)
         model_type = c.get("model_type", default="llama")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string or None, got {checks.shown(name)}")
         name = name or c.get("_name_or_path", "name_or_path", default="") or model_type
 
         if model_type == "gpt2":
             hidden, heads = c["n_embd"], c["n_head"]
             spec = dict(num_layers=c["n_layer"], hidden_size=hidden, num_heads=heads, num_kv_heads=heads,
-                        head_dim=hidden // heads, intermediate_size=c.get("n_inner") or 4 * hidden,
+                        head_dim=_head_dim(hidden, heads, None), intermediate_size=c.get("n_inner") or 4 * hidden,
                         max_position_embeddings=c.get("n_positions"))
         elif model_type == "opt":
             hidden, heads = c["hidden_size"], c["num_attention_heads"]
             spec = dict(num_layers=c["num_hidden_layers"], hidden_size=hidden, num_heads=heads, num_kv_heads=heads,
-                        head_dim=hidden // heads, intermediate_size=c["ffn_dim"],
+                        head_dim=_head_dim(hidden, heads, None), intermediate_size=c["ffn_dim"],
                         max_position_embeddings=c.get("max_position_embeddings"))
         elif model_type == "falcon":
             hidden, heads = c["hidden_size"], c["num_attention_heads"]
@@ -103,13 +121,14 @@ class ModelSpec:
             else:
                 kv_heads = 1 if c.get("multi_query", default=True) else heads
             spec = dict(num_layers=c["num_hidden_layers"], hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
-                        head_dim=hidden // heads, intermediate_size=c.get("ffn_hidden_size") or 4 * hidden,
+                        head_dim=_head_dim(hidden, heads, None),
+                        intermediate_size=c.get("ffn_hidden_size") or 4 * hidden,
                         max_position_embeddings=c.get("max_position_embeddings", default=2048))
         else:  # llama, mistral, qwen2, deepseek_v2/v3 and other Llama-family configs
             hidden, heads = c["hidden_size"], c["num_attention_heads"]
             kv_heads = c.get("num_key_value_heads") or heads
             spec = dict(num_layers=c["num_hidden_layers"], hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
-                        head_dim=c.get("head_dim") or hidden // heads, intermediate_size=c["intermediate_size"],
+                        head_dim=_head_dim(hidden, heads, c.get("head_dim")), intermediate_size=c["intermediate_size"],
                         max_position_embeddings=c.get("max_position_embeddings"))
             window = c.get("sliding_window")
             if window and c.get("use_sliding_window", default=True):
@@ -121,9 +140,22 @@ class ModelSpec:
                             intermediate_size=c.get("moe_intermediate_size") or c["intermediate_size"])
 
         spec.update(vocab_size=c["vocab_size"], architecture=model_type, name=name, source="Hugging Face config")
-        spec["attention"] = _attention_kind(spec["num_heads"], spec["num_kv_heads"], spec.get("kv_lora_rank"))
-        spec["num_params"] = c.get("num_params") or _count_dense_params(model_type, spec, c)
-        return cls(**spec)
+        checked = cls(**spec)                              # every field checked before the counts use them
+        spec = dataclasses.asdict(checked)
+        return checked.replace(num_params=c.get("num_params") or _count_dense_params(model_type, spec, c))
+
+
+def _head_dim(hidden, heads, explicit) -> int:
+    """The config's head_dim, or hidden_size / num_heads when it names none; that division must
+    be exact (flooring it would describe a model that does not exist)."""
+    if explicit:
+        return explicit
+    hidden = checks.positive_int("config hidden size", hidden)
+    heads = checks.positive_int("config number of attention heads", heads)
+    if hidden % heads:
+        raise ValueError(f"config: hidden size {hidden} is not divisible by {heads} attention heads and the config "
+                         f"names no head_dim, so the head width is unknown; set head_dim in the config")
+    return hidden // heads
 
 
 def _attention_kind(num_heads: int, num_kv_heads: int, kv_lora_rank: int | None) -> str:
@@ -139,6 +171,8 @@ def _count_dense_params(model_type: str, s: dict, c: "_Config") -> int | None:
     H, L, V, I = s["hidden_size"], s["num_layers"], s["vocab_size"], s["intermediate_size"]
     tied = c.get("tie_word_embeddings", default=True)
     if model_type == "gpt2":
+        if s["max_position_embeddings"] is None:
+            return None
         per_layer = 2 * 2 * H + (H * 3 * H + 3 * H) + (H * H + H) + (H * I + I) + (I * H + H)
         return V * H + s["max_position_embeddings"] * H + L * per_layer + 2 * H
     if model_type in ("llama", "mistral", "qwen2"):
@@ -156,10 +190,13 @@ class _Config:
     def __init__(self, config: Any):
         if isinstance(config, Mapping):
             self._d = dict(config)
-        elif hasattr(config, "to_dict"):
+        elif hasattr(config, "to_dict") and not isinstance(config, type):
             self._d = config.to_dict()
         else:
-            self._d = vars(config)
+            raise TypeError(f"config must be a transformers PretrainedConfig or a dict of its fields, "
+                            f"got {checks.shown(config)}")
+        if not all(isinstance(k, str) for k in self._d):
+            raise TypeError("config keys must be strings (the field names of a config.json)")
 
     def __getitem__(self, key: str):
         if self._d.get(key) is None:
