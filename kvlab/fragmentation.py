@@ -775,6 +775,35 @@ def block_size_sweep(workload, capacity_tokens: int, max_seq_len: int = 2048,
             "table_entries": np.array(entries), "mean_batch_size": np.array(batch)}
 
 
+def rate_sweep(workload, rates, capacity_tokens: int, max_seq_len: int = 2048, block_size: int = 16,
+               policies=POLICIES, seed: int = 0, progress: bool = False) -> dict:
+    """Latency against request rate (the shape of the vLLM paper's Figure 12): the workload's lengths
+    re-timed as Poisson arrivals at each rate, through each policy. Returns {"rate": (r,),
+    policy: {"normalized_latency": (r,), "throughput": (r,)}}: mean steps per output token, and
+    completed requests per step. Past a policy's service rate the queue grows without bound, and
+    the latency then depends on the length of the trace: only the knee is a property of the policy."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a kvlab.workloads.Workload, got {type(workload).__name__}")
+    if isinstance(policies, str):
+        raise TypeError(f"policies must be a sequence of policy names (e.g. {POLICIES!r}), got the str {policies!r}")
+    rates = np.asarray(rates, dtype=np.float64)
+    if rates.ndim != 1 or not len(rates) or not np.all(np.isfinite(rates) & (rates > 0)):
+        raise ValueError(f"rates must be a 1-D sequence of positive finite requests per step, got {rates!r}")
+    out: dict = {"rate": rates}
+    runs = [(p, i) for p in policies for i in range(len(rates))]
+    if progress:
+        from tqdm.auto import tqdm
+        runs = tqdm(runs, desc="policies x rates")
+    for policy, i in runs:
+        if i == 0:
+            out[policy] = {"normalized_latency": np.zeros(len(rates)), "throughput": np.zeros(len(rates))}
+        r = simulate_allocation(workload.with_arrivals(float(rates[i]), seed), policy, capacity_tokens,
+                                max_seq_len, block_size)
+        out[policy]["normalized_latency"][i] = r.normalized_latency
+        out[policy]["throughput"][i] = r.throughput
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # What a run costs: a stated model, so that policies are compared in seconds, not only per step.
 # ---------------------------------------------------------------------------------------------

@@ -488,3 +488,56 @@ def test_block_size_sweep_against_single_runs():
     assert sweep["unfilled_share"][1] == (held - s["token_states"]) / held > 0
     assert sweep["table_entries"][1] == held / 16 / r.running_steps
     assert sweep["mean_batch_size"][1] == r.mean_batch_size
+
+
+# ---- latency against request rate, and the figures of notebook 04 --------------------------------
+
+def test_rate_sweep_equals_single_runs_and_latency_rises_with_the_rate():
+    from kvlab.fragmentation import rate_sweep
+    wl = small_trace(seed=5, n=40)
+    rates = [0.02, 0.3, 3.0]
+    sweep = rate_sweep(wl, rates, 700, 128, 8, policies=("oracle", "paged"))
+    for p in ("oracle", "paged"):
+        for i, rate in enumerate(rates):
+            r = simulate_allocation(wl.with_arrivals(rate, 0), p, 700, 128, 8)
+            assert sweep[p]["normalized_latency"][i] == r.normalized_latency
+            assert sweep[p]["throughput"][i] == r.throughput
+        lat = sweep[p]["normalized_latency"]
+        assert 1.0 <= lat[0] < 1.5 and lat[2] > 2 * lat[0]   # unloaded: ~1 step per token (+ < 1 step to the next step)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(rates=[0.1, -1.0]), ValueError, "rates must be a 1-D sequence of positive finite requests per step"),
+    (dict(rates=[]), ValueError, "rates must be a 1-D sequence"),
+    (dict(rates=[float("inf")]), ValueError, "rates must be"),
+    (dict(policies="paged"), TypeError, "policies must be a sequence of policy names"),
+    (dict(workload=None), TypeError, "workload must be a kvlab.workloads.Workload"),
+])
+def test_rate_sweep_bad_input(kwargs, error, message):
+    from kvlab.fragmentation import rate_sweep
+    args = dict(workload=small_trace(), rates=[0.1], capacity_tokens=700, max_seq_len=128) | kwargs
+    with pytest.raises(error) as err:
+        rate_sweep(**args)
+    assert message in str(err.value)
+
+
+def test_notebook_04_figures_draw_the_numbers_given():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from kvlab.fragmentation import ServingCost
+    from kvlab.ui.fragmentation import plot_latency_vs_rate, plot_serving_cost
+
+    sweep = {"rate": np.array([0.1, 0.2]), "paged": {"normalized_latency": np.array([1.0, 3.0])},
+             "oracle": {"normalized_latency": np.array([2.0, 9.0])}}
+    ax = plot_latency_vs_rate(sweep, {"paged": 0.15, "oracle": 0.12}, plt.figure().gca())
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert np.array_equal(lines["paged"].get_ydata(), [1.0, 3.0]) and np.array_equal(lines["oracle"].get_xdata(), [0.1, 0.2])
+    verticals = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_label().startswith("_"))
+    assert verticals == [0.12, 0.15]
+    costs = {"a": ServingCost(1.0, 2.0, 3.0, 1), "b": ServingCost(4.0, 0.5, 0.25, 1)}
+    ax = plot_serving_cost(costs, plt.figure().gca())
+    heights = [[bar.get_height() for bar in c] for c in ax.containers]     # one container per part
+    assert heights == [[1.0, 4.0], [2.0, 0.5], [3.0, 0.25]]
+    assert [bar.get_y() for bar in ax.containers[2]] == [3.0, 4.5]        # stacked on the parts below
+    plt.close("all")

@@ -13,14 +13,17 @@ A cell is checked unless nbval is told to ignore or skip it (`# NBVAL_IGNORE_OUT
 text MIME type nbval compares, after tests/nbval_sanitize.cfg is applied), these are flagged:
 
   e-notation      a float in e-notation (`1.1e-15`), unless it is a stated tolerance: a round
-                  number (one significant digit) right after "within", "to", "<", "<=", "≤",
-                  "tolerance", "atol", "rtol", "below" or "under" (`within 1e-6: True`)
+                  number (one significant digit) right after "within", "to", "<", "<=", ">",
+                  "than", "tolerance", "atol", "rtol", "below", "under", "above", "over" or
+                  "exceeds" (`within 1e-6: True`, `changed by more than 1e-4`)
   error value     any other non-integer number on a line that reports an error or a difference
                   ("error", "diff", "deviation", "residual", "|a - b|"): print the comparison
                   against its tolerance instead
   time or rate    a number followed by a unit of time (ns, µs, us, ms, s, min) or a per-second
-                  unit (tok/s, GB/s, TFLOP/s, ...), unless a comment line of the cell names where
-                  its numbers come from: a committed file under data/bench/ or a datasheet
+                  unit (tok/s, GB/s, TFLOP/s, ...), unless the printed line or a comment line of the
+                  cell names where its numbers come from: a committed file under data/bench/ or a
+                  datasheet (numbers read from a file, or computed from constants, are the same
+                  everywhere)
   past tolerance  digits finer than a tolerance stated on the same line (`0.0001234 within 1e-3`)
   digits          a non-integer number with 6 or more significant digits (float32 keeps about 7)
   clock           a checked cell whose source reads a clock (perf_counter, time.time, timeit,
@@ -53,8 +56,8 @@ KNOWN_FAILURES: dict[str, str] = {
 }
 
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\.\d)")
-TOLERANCE_WORDS = re.compile(r"(?:\bwithin|\bto|<=?|≤|\btol(?:erance)?|\batol|\brtol|\bbelow|\bunder)\s*[:=]?\s*$",
-                             re.IGNORECASE)
+TOLERANCE_WORDS = re.compile(r"(?:\bwithin|\bto|<=?|>=?|≤|≥|\btol(?:erance)?|\batol|\brtol|\bbelow|\bunder|\babove|"
+                             r"\bover|\bthan|\bexceeds?)\s*[:=]?\s*$", re.IGNORECASE)
 ROUND = re.compile(r"[1-9](?:\.0*)?(?:[eE][-+]?\d+)?$")           # one significant digit: 1e-6, 5e-3, 0.001
 ERROR_WORDS = re.compile(r"\b(?:errors?|err|diffs?|difference|deviation|residual)\b|\|[^|\n]*\s-\s[^|\n]*\|",
                          re.IGNORECASE)
@@ -62,6 +65,7 @@ TIME_UNIT = re.compile(r"\s?(?:ns|µs|us|ms|s|sec|seconds?|min)\b(?!/)"
                        r"|\s?(?:[kMGTP]?i?B|[kMGTP]?FLOP|tok(?:ens)?|req(?:uests)?|it|seqs?)/s\b")
 CLOCK = re.compile(r"perf_counter|process_time|monotonic\(|time\.time\(|\btimeit\b|do_bench|Stopwatch")
 SOURCE_NAMED = re.compile(r"^\s*#.*(?:data/bench/|datasheet)", re.MULTILINE | re.IGNORECASE)
+LINE_NAMES_SOURCE = re.compile(r"data/bench/|datasheet", re.IGNORECASE)
 
 
 def checked_cells(nb: dict):
@@ -119,7 +123,7 @@ def line_hazards(line: str, source_named: bool) -> list[str]:
             found.append(f"error value {text!r}")
         elif is_float and significant_digits(text) >= 6:
             found.append(f"digits {text!r} ({significant_digits(text)} significant)")
-        if not source_named and TIME_UNIT.match(after):
+        if not (source_named or LINE_NAMES_SOURCE.search(line)) and TIME_UNIT.match(after):
             found.append(f"time or rate {text + TIME_UNIT.match(after).group()!r}")
         if is_float:
             values.append(text)
@@ -193,6 +197,8 @@ def test_rule_flags_machine_dependent_lines(line):
     "torch 2.13.0+cpu, triton 3.9.0; 2026-11-27",
     "   ' a'             p = 0.40",
     "12 GiB of KV cache = 15,728 token slots; 3 splits",
+    "token 20 replaced; positions whose output changed by more than 1e-4: [20, 21]",
+    "H100 SXM5 80GB: 989.4 TFLOP/s / 3.35 TB/s = ridge 295 FLOP/B (NVIDIA H100 datasheet)",
 ])
 def test_rule_passes_machine_independent_lines(line):
     assert line_hazards(line, source_named=False) == [], line

@@ -128,6 +128,46 @@ def plot_block_size_sweep(sweep: dict, ax=None):
     return ax, ax2
 
 
+POLICY_COLORS = {"max-reserve": "#dd8452", "pow2": "#937860", "oracle": "#8172b3", "paged": "#4c72b0"}
+
+
+def plot_latency_vs_rate(sweep: dict, service_rates: dict | None = None, ax=None, ymax: float = 30.0):
+    """Normalized latency (steps per output token) against request rate, one line per policy (the
+    shape of the vLLM paper's Figure 12); dotted verticals at each policy's service rate."""
+    ax = ax or plt.gca()
+    rates = sweep["rate"]
+    for policy in (p for p in POLICY_COLORS if p in sweep):
+        color = POLICY_COLORS[policy]
+        ax.plot(rates, sweep[policy]["normalized_latency"], "o-", ms=3, color=color, label=policy)
+        if service_rates and policy in service_rates:
+            ax.axvline(service_rates[policy], color=color, ls=":", lw=1.2)
+    ax.set_ylim(0, ymax)
+    ax.set_xlabel("request rate (requests per decode step)")
+    ax.set_ylabel("normalized latency (steps per output token)")
+    ax.set_title("latency against request rate (dotted: service rate)", fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_serving_cost(costs: dict, ax=None):
+    """Stacked bars: modeled GPU seconds per policy (kvlab.fragmentation.serving_cost), by part."""
+    ax = ax or plt.gca()
+    names = list(costs)
+    bottom = np.zeros(len(names))
+    parts = [("weight_seconds", "read the weights (every step)", "#4c72b0"),
+             ("kv_seconds", "read the cached K/V (every step)", "#8fbce6"),
+             ("prefill_seconds", "prefill, recomputation included", "#c44e52")]
+    for attr, label, color in parts:
+        seconds = np.array([getattr(costs[p], attr) for p in names])
+        ax.bar(range(len(names)), seconds, bottom=bottom, color=color, label=label, width=0.65)
+        bottom += seconds
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("modeled GPU seconds for the trace")
+    ax.set_title("what the trace costs, by part", fontsize=10)
+    ax.legend(fontsize=7)
+    return ax
+
+
 class FragmentationExplorer(W.VBox):
     """Sliders for block size, KV capacity, arrival rate, max length and workload; bars and batch sizes redraw.
 
