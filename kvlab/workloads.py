@@ -26,14 +26,18 @@ Real traces can be loaded from CSV or JSONL with `load`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from kvlab import checks
 
 # published means (vLLM paper, §6.1): (mean input tokens, mean output tokens)
 SHAREGPT_MEANS = (161.31, 337.99)
@@ -56,18 +60,27 @@ class Workload:
     name: str = "workload"
 
     def __post_init__(self):
-        p = np.asarray(self.prompt_len, dtype=np.int64)
-        o = np.asarray(self.output_len, dtype=np.int64)
-        a = np.asarray(self.arrival_time, dtype=np.float64)
+        if not isinstance(self.name, str):
+            raise TypeError(f"Workload name must be a string, got {checks.shown(self.name)}")
+        where = f"Workload {self.name!r}"
+        p = _token_counts(where, "prompt_len", self.prompt_len)
+        o = _token_counts(where, "output_len", self.output_len)
+        a = _numbers(where, "arrival_time", self.arrival_time).astype(np.float64)
         if not (p.ndim == o.ndim == a.ndim == 1 and len(p) == len(o) == len(a)):
             raise ValueError(
-                f"Workload {self.name!r}: prompt_len, output_len and arrival_time must be 1-D and of one "
+                f"{where}: prompt_len, output_len and arrival_time must be 1-D and of one "
                 f"length, got shapes {p.shape}, {o.shape}, {a.shape}"
             )
-        if len(p) and (p.min() < 1 or o.min() < 1):
-            raise ValueError(f"Workload {self.name!r}: every prompt_len and output_len must be >= 1 token")
-        if len(a) and (not np.all(np.isfinite(a)) or a.min() < 0):
-            raise ValueError(f"Workload {self.name!r}: arrival_time must be finite and >= 0 (decode steps)")
+        for field, values in (("prompt_len", p), ("output_len", o)):
+            if len(values) and values.min() < 1:
+                i = int(np.argmax(values < 1))
+                raise ValueError(f"{where}: every prompt_len and output_len must be >= 1 token, "
+                                 f"got {field}[{i}] = {values[i]}")
+        bad = ~np.isfinite(a) | (a < 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{where}: arrival_time must be finite and >= 0 (decode steps), "
+                             f"got arrival_time[{i}] = {a[i]}")
         for field, value in (("prompt_len", p), ("output_len", o), ("arrival_time", a)):
             value.setflags(write=False)
             object.__setattr__(self, field, value)
@@ -101,16 +114,59 @@ class Workload:
         return Workload(self.prompt_len, self.output_len, poisson_arrivals(len(self), rate, seed), self.name)
 
 
+def _token_counts(where: str, field: str, values) -> np.ndarray:
+    """values as int64 token counts: ints, or floats that are whole numbers; never truncated."""
+    a = _numbers(where, field, values, "whole numbers of tokens (a 1-D sequence of ints)")
+    if a.dtype.kind == "f":
+        fractional = ~np.isfinite(a) | (a != np.round(a)) | (np.abs(a) >= 2.0**63)
+        if fractional.any():
+            i = int(np.argmax(fractional))
+            raise ValueError(f"{where}: {field} must be whole numbers of tokens, got {field}[{i}] = {a[i]} "
+                             f"(a length is never rounded)")
+    elif a.dtype.kind == "u" and a.size and a.max() > checks.INT64_MAX:
+        raise ValueError(f"{where}: {field} must be whole numbers of tokens below 2**63, got {a.max()}")
+    return a.astype(np.int64)
+
+
+def _numbers(where: str, field: str, values, allowed: str = "numbers (a 1-D sequence)") -> np.ndarray:
+    """values as a 1-D numeric numpy array (ints or floats; bools, strings and None refused)."""
+    if isinstance(values, (str, bytes)) or values is None:
+        raise TypeError(f"{where}: {field} must be {allowed}, got {checks.shown(values)}")
+    try:
+        a = np.asarray(values)
+    except (ValueError, TypeError) as err:       # ragged nested lists
+        raise ValueError(f"{where}: {field} must be {allowed}: {err}") from None
+    if a.ndim != 1:
+        raise ValueError(f"{where}: {field} must be {allowed}, got shape {a.shape}")
+    if a.size == 0:
+        return a.astype(np.float64)
+    if a.dtype.kind not in "iuf":
+        what = {"b": "bools", "U": "strings", "S": "bytes", "O": "objects (None, huge ints or mixed types)"}.get(
+            a.dtype.kind, f"dtype {a.dtype}")
+        raise TypeError(f"{where}: {field} must be {allowed}, got {what}")
+    return a
+
+
+def _check_rate(rate) -> float | None:
+    if rate is None:
+        return None
+    return checks.in_range("rate", rate, 0, math.inf, "a positive finite number of requests per step, or None "
+                           "(all at once)", low_open=True, high_open=True)
+
+
 def poisson_arrivals(n: int, rate: float | None, seed: int = 0) -> np.ndarray:
     """(n,) arrival times of a Poisson process with `rate` requests per step; rate=None: all at 0."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    n = _check_n(n)
+    rate, seed = _check_rate(rate), _check_seed(seed)
     if rate is None or n == 0:
         return np.zeros(n)    # all at once, or no requests at all
-    if not (rate > 0 and math.isfinite(rate)):
-        raise ValueError(f"rate must be a positive number of requests per step (or None: all at once), got {rate}")
-    gaps = np.random.default_rng([seed, 1]).exponential(1.0 / rate, size=n)  # (n,) inter-arrival times
-    return np.cumsum(gaps) - gaps[0]  # the first request arrives at time 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        gaps = np.random.default_rng([seed, 1]).exponential(1.0 / rate, size=n)  # (n,) inter-arrival times
+        times = np.cumsum(gaps) - gaps[0]  # the first request arrives at time 0
+    if not np.isfinite(times).all():
+        raise ValueError(f"rate {rate!r} is so small that arrival times overflow a float (inf); "
+                         f"use a rate that spaces {n} requests over less than 1e300 steps")
+    return times
 
 
 def _phi(z: float) -> float:
@@ -138,11 +194,25 @@ def _lognormal_mu(mean: float, sigma: float, clips: Sequence[float]) -> float:
     return 0.5 * (lo + hi)
 
 
-def _check_common(n: int, max_len: int) -> None:
-    if not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
-    if not isinstance(max_len, (int, np.integer)) or max_len < 2:
-        raise ValueError(f"max_len must be an integer >= 2 (one prompt and one output token), got {max_len!r}")
+MAX_REQUESTS = 10**8     # a 2.4 GB workload: more is a typo, not a trace
+MAX_LEN = 2**62          # prompt + output tokens of one request, with room to add in int64
+
+
+def _check_n(n) -> int:
+    return checks.integer("n", n, 0, MAX_REQUESTS, allowed=f"an integer in 0..{MAX_REQUESTS:,} (requests)")
+
+
+def _check_seed(seed) -> int:
+    return checks.integer("seed", seed, 0, allowed="an integer >= 0")
+
+
+def _check_max_len(max_len) -> int:
+    return checks.integer("max_len", max_len, 2, MAX_LEN,
+                          allowed="an integer in 2..2**62 (at least one prompt and one output token)")
+
+
+def _check_common(n, max_len, seed) -> tuple[int, int, int]:
+    return _check_n(n), _check_max_len(max_len), _check_seed(seed)
 
 
 PUBLISHED_MAX_LEN = 2048  # the traces' means are of requests that fit OPT's 2048-token context
@@ -156,7 +226,12 @@ def lognormal_lengths(n: int, mean_prompt: float, mean_output: float, *, sigma_p
     mean_prompt and mean_output; another max_len serves the same draws clipped differently
     (a smaller one shortens the long tail and lowers the means).
     """
-    _check_common(n, max_len)
+    n, max_len, seed = _check_common(n, max_len, seed)
+    mean_prompt, mean_output = (checks.in_range(name, value, 1, PUBLISHED_MAX_LEN - 1, "a number of tokens in "
+                                                f"[1, {PUBLISHED_MAX_LEN - 1})", high_open=True)
+                                for name, value in (("mean_prompt", mean_prompt), ("mean_output", mean_output)))
+    sigma_prompt, sigma_output = (checks.in_range(name, value, 0, 10, "a number in (0, 10]", low_open=True)
+                                  for name, value in (("sigma_prompt", sigma_prompt), ("sigma_output", sigma_output)))
     rng = np.random.default_rng([seed, 0])
     ref = PUBLISHED_MAX_LEN
     mu_p = _lognormal_mu(mean_prompt, sigma_prompt, [ref - 1])
@@ -175,6 +250,7 @@ def sharegpt_like(n: int = 1000, seed: int = 0, *, rate: float | None = None, ma
     means, clipped at 2048 tokens, match those the vLLM paper reports. Arrivals: Poisson at `rate`
     per step, or all at 0. Requests are clipped so that prompt + output <= max_len.
     """
+    _check_rate(rate)             # every argument checked before anything is drawn
     p, o = lognormal_lengths(n, *SHAREGPT_MEANS, sigma_prompt=1.0, sigma_output=1.0, max_len=max_len, seed=seed)
     return Workload(p, o, poisson_arrivals(n, rate, seed), name="sharegpt-like")
 
@@ -185,6 +261,7 @@ def alpaca_like(n: int = 1000, seed: int = 0, *, rate: float | None = None, max_
     Not the Alpaca data set: log-normal draws (sigma 0.6 for prompts, 0.8 for outputs, our choice)
     whose means, clipped at 2048 tokens, match those the vLLM paper reports.
     """
+    _check_rate(rate)
     p, o = lognormal_lengths(n, *ALPACA_MEANS, sigma_prompt=0.6, sigma_output=0.8, max_len=max_len, seed=seed)
     return Workload(p, o, poisson_arrivals(n, rate, seed), name="alpaca-like")
 
@@ -192,38 +269,121 @@ def alpaca_like(n: int = 1000, seed: int = 0, *, rate: float | None = None, max_
 def uniform(n: int = 1000, seed: int = 0, *, prompt_range: tuple[int, int] = (1, 512),
             output_range: tuple[int, int] = (1, 512), rate: float | None = None, max_len: int = 2048) -> Workload:
     """Prompt and output lengths uniform on the inclusive ranges, clipped so prompt + output <= max_len."""
-    _check_common(n, max_len)
-    for label, (lo, hi) in (("prompt_range", prompt_range), ("output_range", output_range)):
-        if not (1 <= lo <= hi):
-            raise ValueError(f"{label} must be (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
+    n, max_len, seed = _check_common(n, max_len, seed)
+    prompt_range, output_range = _check_range("prompt_range", prompt_range), _check_range("output_range", output_range)
+    _check_rate(rate)
     rng = np.random.default_rng([seed, 0])
     p = np.minimum(rng.integers(prompt_range[0], prompt_range[1] + 1, n), max_len - 1)
     o = np.clip(rng.integers(output_range[0], output_range[1] + 1, n), 1, max_len - p)
     return Workload(p, o, poisson_arrivals(n, rate, seed), name="uniform")
 
 
+def _check_range(name: str, value) -> tuple[int, int]:
+    allowed = "a pair (lo, hi) of integers with 1 <= lo <= hi < 2**62"
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be {allowed}, got {checks.shown(value)}")
+    lo, hi = (checks.integer(f"{name}[{i}]", v, allowed=allowed) for i, v in enumerate(value))
+    if not 1 <= lo <= hi < MAX_LEN:
+        raise ValueError(f"{name} must be {allowed}, got {(lo, hi)}")
+    return lo, hi
+
+
 def from_lengths(prompt_len: Sequence[int], output_len: Sequence[int],
                  arrival_time: Sequence[float] | None = None, name: str = "custom") -> Workload:
     """A workload from explicit lengths (arrivals all at 0 unless given)."""
-    a = np.zeros(len(prompt_len)) if arrival_time is None else arrival_time
-    return Workload(np.asarray(prompt_len), np.asarray(output_len), np.asarray(a, dtype=np.float64), name)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {checks.shown(name)}")
+    prompt_len = _token_counts(f"Workload {name!r}", "prompt_len", prompt_len)
+    return Workload(prompt_len, output_len, np.zeros(len(prompt_len)) if arrival_time is None else arrival_time, name)
 
 
 def load(path: str | Path, name: str | None = None) -> Workload:
-    """Lengths from a CSV (header row) or JSONL file with fields prompt_len, output_len[, arrival_time]."""
+    """Lengths from a CSV (header row) or JSONL file with fields prompt_len, output_len[, arrival_time].
+
+    Lengths are whole numbers of tokens >= 1 (10 and 10.0 are read, 10.5 is refused, never
+    rounded); arrival_time, in decode steps, is finite and >= 0 (empty or absent: 0). An error
+    names the file, the line (counted as an editor counts, the CSV header is line 1) and the field.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or a path, got {checks.shown(path)}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a string or None, got {checks.shown(name)}")
     path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with path.open() as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
+    kind = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}.get(path.suffix.lower())
+    if kind is None:
         raise ValueError(f"{path}: expected a .csv or .jsonl file, got suffix {path.suffix!r}")
-    for i, row in enumerate(rows):
-        missing = {"prompt_len", "output_len"} - set(row)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    records = _jsonl_records(path, text) if kind == "jsonl" else _csv_records(path, text)
+    columns: dict[str, list] = {"prompt_len": [], "output_len": [], "arrival_time": []}
+    for line, row in records:
+        for field, values in columns.items():
+            values.append(_read_field(path, line, row, field))
+    return from_lengths(columns["prompt_len"], columns["output_len"], columns["arrival_time"], name or path.stem)
+
+
+_FIELDS = "each record needs prompt_len and output_len (whole numbers of tokens >= 1) and may have arrival_time"
+
+
+def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    records = []
+    for line, raw in enumerate(text.split("\n"), start=1):      # lines as an editor numbers them
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line}: not valid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {line}: expected a JSON object such as "
+                             f'{{"prompt_len": 10, "output_len": 20}}, got {checks.shown(row)}')
+        records.append((line, row))
+    return records
+
+
+def _csv_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if reader.fieldnames is None:                  # an empty file: no requests
+            return []
+        missing = [f for f in ("prompt_len", "output_len") if f not in reader.fieldnames]
         if missing:
-            raise ValueError(f"{path}: record {i} lacks {sorted(missing)}; each needs prompt_len, output_len "
-                             f"and optionally arrival_time")
-    return from_lengths([int(r["prompt_len"]) for r in rows], [int(r["output_len"]) for r in rows],
-                        [float(r.get("arrival_time") or 0.0) for r in rows], name or path.stem)
+            raise ValueError(f"{path}, line 1 (the header): no column {', '.join(map(repr, missing))}; "
+                             f"columns are {reader.fieldnames}; {_FIELDS}")
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {reader.line_num}: not valid CSV: {err}") from None
+
+
+def _read_field(path: Path, line: int, row: dict, field: str):
+    """One field of one record: an int token count, or a float arrival time (0 when absent)."""
+    where = f"{path}, line {line}, field {field!r}"
+    value = row.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if field == "arrival_time":
+            return 0.0
+        raise ValueError(f"{path}, line {line}: no {field!r}; {_FIELDS}")
+    if isinstance(value, str):                       # CSV gives text
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"{where}: {value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: expected a number, got {checks.shown(value)}")
+    if field == "arrival_time":
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{where}: an arrival time must be a finite number of decode steps >= 0, got {value!r}")
+        return float(value)
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"{where}: {value!r} is not a whole number of tokens (a length is never rounded)")
+        value = int(value)
+    if not 1 <= value <= checks.INT64_MAX:
+        raise ValueError(f"{where}: a length must be a whole number of tokens in 1..2**63 - 1, got {checks.brief(value)}")
+    return value
