@@ -67,3 +67,104 @@ def test_hub_id_offline_names_the_offline_default(tmp_path):
             "except kvlab.model.loading.ModelNotAvailableError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("ERR") and "'smollm2-135m'" in out
+
+
+# ---- bad input: every argument checked before anything is loaded (issue 12) ---------------------
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Make every loader fail loudly, so a test shows that the check came first."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was being loaded before the arguments were checked")
+    for loader in ("_load_pretrained", "_tiny_model", "_load_from_hub_or_dir", "smollm2_path"):
+        monkeypatch.setattr(loading, loader, boom)
+
+
+@pytest.mark.parametrize("name, error, message", [
+    ("/nonexistent/path/model", ValueError, "no such directory: '/nonexistent/path/model'; a local model is a "
+                                            "directory with config.json"),
+    ("./x", ValueError, "no such directory: './x'"),
+    ("../models/x", ValueError, "no such directory: '../models/x'"),
+    ("~/no/such/model", ValueError, "no such directory: '~/no/such/model'"),
+    ("a/b/c", ValueError, "no such directory: 'a/b/c'"),
+    ("", ValueError, "model name must be one of smollm2-135m, tiny-llama-random, tiny-gpt2-random, a Hugging Face "
+                     "hub id ('org/model') or a local model directory, got ''"),
+    ("  ", ValueError, "model name must be one of"),
+    ("org/has space", ValueError, "'org/has space' is not a Hugging Face hub id"),
+    (None, TypeError, "model name must be one of smollm2-135m, tiny-llama-random, tiny-gpt2-random, a Hugging Face "
+                      "hub id ('org/model') or a local model directory, got None"),
+    (["gpt2"], TypeError, "got list ['gpt2']"),
+])
+def test_bad_names_say_what_is_wrong(nothing_loads, name, error, message):
+    """Before: a missing directory was reported as an invalid hub id, "" became the current directory."""
+    with pytest.raises(error) as info:
+        kvlab.load_model(name)
+    assert message in str(info.value)
+
+
+def test_a_file_or_a_directory_without_config_is_not_a_model(nothing_loads, tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="weights.bin' is a file; a local model is a directory with config.json"):
+        kvlab.load_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(ValueError, match="is a directory without config.json"):
+        kvlab.load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("device, error, message", [
+    ("gpu", ValueError, "device must be 'cpu', 'cuda', 'cuda:N', a torch.device or None, got 'gpu'"),
+    ("mps", ValueError, "device must be 'cpu', 'cuda', 'cuda:N', a torch.device or None, got 'mps'"),
+    (0, TypeError, "device must be 'cpu', 'cuda', 'cuda:N', a torch.device or None, got int 0"),
+    ("cuda:99", ValueError, "cuda:99"),
+])
+def test_bad_devices_say_what_is_allowed(nothing_loads, device, error, message):
+    with pytest.raises(error) as info:
+        kvlab.load_model("tiny-llama-random", device=device)
+    assert message in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_fails_before_the_model_is_built(nothing_loads):
+    """Before: the model was built (seconds for the real one), then .to('cuda') failed."""
+    with pytest.raises(ValueError, match=r"device 'cuda': there is no CUDA GPU here \(torch.cuda.is_available\(\) "
+                                         r"is False\); use device='cpu' or None"):
+        kvlab.load_model("smollm2-135m", device="cuda")
+
+
+@pytest.mark.parametrize("dtype, error, message", [
+    ("float8", ValueError, "dtype must be one of 'float32', 'float16', 'bfloat16', the torch.dtype of one of them, "
+                           "or None, got 'float8'"),
+    (torch.int8, ValueError, "got torch.int8"),
+    (torch.float64, ValueError, "got torch.float64"),
+    (16, TypeError, "dtype must be one of 'float32', 'float16', 'bfloat16', the torch.dtype of one of them, or None, "
+                    "got int 16"),
+])
+def test_bad_dtypes_say_what_is_allowed(nothing_loads, dtype, error, message):
+    with pytest.raises(error) as info:
+        kvlab.load_model("tiny-llama-random", device="cpu", dtype=dtype)
+    assert message in str(info.value)
+
+
+def test_local_directory_by_str_and_path(tmp_path, tiny_llama):
+    tiny_llama.hf_model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    for name in (str(tmp_path), tmp_path):
+        lm = kvlab.load_model(name, device="cpu")
+        assert lm.name == str(tmp_path) and lm.spec.num_layers == tiny_llama.spec.num_layers
+        for a, b in zip(lm.hf_model.parameters(), tiny_llama.hf_model.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_unreachable_hub_fails_fast(tmp_path):
+    """Before: an offline hub id took ~25 s (transformers retries). Now one TCP connect to the hub's
+    endpoint (here a closed local port, so the test means the same with or without a network)
+    decides, and only the local hub cache is read."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))
+    code = ("import time, kvlab\n"
+            "t = time.perf_counter()\n"
+            "try:\n    kvlab.load_model('HuggingFaceTB/SmolLM2-135M')\n"
+            "except kvlab.model.loading.ModelNotAvailableError as e:\n    print('ERR', e)\n"
+            "print('SECONDS', time.perf_counter() - t)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("ERR") and "the hub is unreachable" in out and "'smollm2-135m'" in out
+    assert float(out.split("SECONDS")[1]) < 10

@@ -14,6 +14,12 @@ reference every kvlab number is checked against), its tokenizer, and its
   wide, with the real SmolLM2 tokenizer: fast stand-ins for tests.
 - any Hugging Face hub id or local directory, through transformers (needs the
   network or a populated hub cache). No code path uses trust_remote_code.
+
+Every argument is checked before anything is loaded: a name that looks like a path
+must be an existing directory, a hub id must be spelled like one, the device must
+exist here, and the dtype be one kvlab runs. Offline (HF_HUB_OFFLINE=1, or the hub
+unreachable: one TCP connect, 3 s at most), a hub id is read from the local hub cache
+only, so it fails at once instead of after transformers' ~25 s of retries.
 """
 
 from __future__ import annotations
@@ -21,14 +27,19 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvlab import checks
 from kvlab.model.spec import ModelSpec
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -89,24 +100,87 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
                dtype: str | torch.dtype | None = None) -> LoadedModel:
     """Load a model by name: "smollm2-135m", "tiny-llama-random", "tiny-gpt2-random", a hub id or a local dir.
 
-    device: defaults to CUDA when available, else CPU. dtype: defaults to float32 on
-    CPU and bfloat16 on CUDA; "float32", "float16", "bfloat16" or a torch.dtype.
+    device: defaults to CUDA when available, else CPU; "cpu", "cuda", "cuda:N" or a
+    torch.device. dtype: defaults to float32 on CPU and bfloat16 on CUDA; "float32",
+    "float16", "bfloat16" or the torch.dtype of one of them.
+    All three are checked (TypeError or ValueError) before anything is loaded.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _resolve_dtype(dtype, device)
-    if name == DEFAULT_MODEL:
+    kind = model_kind(name)
+    name = os.fspath(name)                            # a pathlib.Path to a directory works too
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if kind == "default":
         path = smollm2_path()
         hf_model, tokenizer = _load_pretrained(path, dtype), load_tokenizer(path)
-    elif name in TINY_CONFIGS:
+    elif kind == "tiny":
         hf_model, tokenizer = _tiny_model(name, dtype), load_tokenizer(smollm2_path())
-    elif Path(name).is_dir() or "/" in name or _looks_like_hub_id(name):
-        hf_model, tokenizer = _load_from_hub_or_dir(name, dtype)
     else:
-        raise ValueError(f"unknown model {name!r}; available offline: {', '.join(list_models())} "
-                         f"(or a Hugging Face hub id or local directory)")
+        hf_model, tokenizer = _load_from_hub_or_dir(name, dtype, local=kind == "dir")
     hf_model = hf_model.to(device).eval()
     spec = ModelSpec.from_hf_config(hf_model.config, name=name)
     return LoadedModel(name=name, hf_model=hf_model, tokenizer=tokenizer, spec=spec)
+
+
+# what a hub id looks like: "gpt2", or "org/name" (letters, digits, - _ .; 96 characters at most)
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+
+
+def model_kind(name) -> str:
+    """"default", "tiny", "dir" or "hub" for a load_model name; TypeError or ValueError otherwise.
+    A name that looks like a path ("/x", "./x", "~/x", "a/b/c") must be an existing directory."""
+    allowed = (f"one of {', '.join(list_models())}, a Hugging Face hub id ('org/model') "
+               f"or a local model directory")
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"model name must be {allowed}, got {checks.shown(name)}")
+    name = os.fspath(name)
+    if not name.strip():
+        raise ValueError(f"model name must be {allowed}, got {name!r}")
+    if name == DEFAULT_MODEL:
+        return "default"
+    if name in TINY_CONFIGS:
+        return "tiny"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"{name!r} is a directory without config.json, so not a model directory "
+                             f"(one written by save_pretrained)")
+        return "dir"
+    looks_like_path = (name.startswith(("/", ".", "~")) or "\\" in name or name.endswith("/")
+                       or name.count("/") > 1 or path.exists())
+    if looks_like_path:
+        what = f"{name!r} is a file" if path.exists() else f"no such directory: {name!r}"
+        raise ValueError(f"{what}; a local model is a directory with config.json (model name: {allowed})")
+    if "/" in name or _looks_like_hub_id(name):
+        if not _HUB_ID.fullmatch(name):
+            raise ValueError(f"{name!r} is not a Hugging Face hub id ('org/model': letters, digits, '-', '_', '.'); "
+                             f"use {allowed}")
+        return "hub"
+    raise ValueError(f"unknown model {name!r}; available offline: {', '.join(list_models())} "
+                     f"(or a Hugging Face hub id or local directory)")
+
+
+def resolve_device(device) -> torch.device:
+    """The torch.device to load on: CUDA when available for None; "cpu", "cuda", "cuda:N" or a
+    torch.device otherwise, and it must exist here (checked before a model is built)."""
+    allowed = "'cpu', 'cuda', 'cuda:N', a torch.device or None"
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be {allowed}, got {checks.shown(device)}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be {allowed}, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be {allowed}, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: there is no CUDA GPU here (torch.cuda.is_available() is False); "
+                             f"use device='cpu' or None")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return dev
 
 
 def smollm2_path() -> Path:
@@ -200,30 +274,70 @@ def _looks_like_hub_id(name: str) -> bool:
     return name in ("gpt2", "distilgpt2") or name.startswith(("gpt2-", "opt-"))
 
 
-def _load_from_hub_or_dir(name: str, dtype: torch.dtype):
+def _load_from_hub_or_dir(name: str, dtype: torch.dtype, local: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    offline = not local and not hub_reachable()   # then read the local hub cache only: fail at once
     try:
-        config = AutoConfig.from_pretrained(name)            # fails first, and once, when unreachable
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, local_files_only=offline)   # fails first, and once
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
         check_tokenizer(tokenizer, name)
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, local_files_only=offline)
     except ModelNotAvailableError:
         raise
     except (OSError, ValueError) as e:
+        where = ("from its directory" if local else
+                 "from the local hub cache (the hub is unreachable: no network, or HF_HUB_OFFLINE is set)" if offline
+                 else "from the Hugging Face hub or its local cache")
         raise ModelNotAvailableError(
-            f"could not load {name!r} from the Hugging Face hub or its local cache ({type(e).__name__}: {e}). "
+            f"could not load {name!r} {where} ({type(e).__name__}: {str(e)[:300]}). "
             f"Without the network, use the offline default {DEFAULT_MODEL!r} "
             f"(or one of {', '.join(list_models())}).") from e
     return model, tokenizer
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+_REACHABLE: dict[str, tuple[float, bool]] = {}   # endpoint -> (when checked, reachable)
+
+
+def hub_reachable(timeout: float = 3.0, recheck_after: float = 60.0) -> bool:
+    """False under HF_HUB_OFFLINE, or when one TCP connect to the hub's endpoint ($HF_ENDPOINT)
+    fails within `timeout` s (remembered for `recheck_after` s). Behind a proxy, assumed True
+    (transformers goes through the proxy; a direct connect would say nothing)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = constants.ENDPOINT
+    checked = _REACHABLE.get(endpoint)
+    if checked and time.monotonic() - checked[0] < recheck_after:
+        return checked[1]
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        reachable = True
+    except (OSError, ValueError):
+        reachable = False
+    _REACHABLE[endpoint] = (time.monotonic(), reachable)
+    return reachable
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The torch dtype to load in: bfloat16 on CUDA and float32 on the CPU for None."""
+    allowed = f"one of {', '.join(map(repr, _DTYPES))}, the torch.dtype of one of them, or None"
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be {allowed}, got {dtype}")
         return dtype
-    allowed = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in allowed:
-        raise ValueError(f"dtype must be one of {sorted(allowed)} or a torch.dtype, got {dtype!r}")
-    return allowed[dtype]
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be {allowed}, got {checks.shown(dtype)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be {allowed}, got {dtype!r}")
+    return _DTYPES[dtype]
