@@ -44,6 +44,7 @@ def test_ttft_tpot_and_decode_steps_plot_milliseconds():
     ax = figures.plot_decode_steps([1.0, 0.2, 0.3], [1.0, 0.05, 0.05])    # step 0 (prefill) is left out
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [200, 300])
     np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [50, 50])
+    assert ax.get_title() == "decoding 3 tokens"
 
 
 def test_measured_vs_flops_fits_the_rate():

@@ -22,6 +22,9 @@ own peak statistic is read, as vLLM does.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +39,21 @@ class PeakMemory:
     peak_bytes: int                  # the most bytes alive at once
     live_at_peak: tuple[int, ...]    # sizes of the buffers alive at that moment, largest first (CPU only)
     allocations: int                 # how many buffers were allocated in all (CPU only)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """kineto, the profiler's C++ backend, writes a timestamped 'profiler_start' / 'profiler_stop' line
+    to the process's stderr on every run: point file descriptor 2 at /dev/null while it runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _allocation_events(prof) -> list[tuple[int, int, int]]:
@@ -71,7 +89,7 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live: dict[int, int] = {}                    # ptr -> bytes, for buffers allocated inside fn
     current = peak = 0

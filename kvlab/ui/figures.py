@@ -190,6 +190,7 @@ def plot_decode_intensity_by_batch(batch_sizes: Sequence[int], weights_ai: Seque
     for i, (name, ridge) in enumerate((ridges or {}).items()):
         ax.axhline(ridge, color="gray", ls=["--", ":", "-."][i % 3], lw=1, label=name)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sequences decoded together)")
     ax.set_ylabel("FLOPs per byte moved")
@@ -208,7 +209,7 @@ def plot_roofline(peak_tflops: float, bandwidth_tb_s: float, points: dict[str, f
     ax.plot(x, np.minimum(peak_tflops, x * bandwidth_tb_s), "k-", lw=1.5, label="roof: min(peak, intensity × bandwidth)")
     ridge = peak_tflops / bandwidth_tb_s
     ax.axvline(ridge, color="gray", ls="--", lw=1, label=f"ridge {ridge:.0f} FLOP/B")
-    colors = ["#c44e52", "#55a868", "#4c72b0", "#8172b2", "#dd8452"]
+    colors = [PART_COLORS["ffn"], PART_COLORS["attention"], "#4c72b0", "#8172b2", "#dd8452"]   # weights green, attention red
     for (label, ai), color in zip(points.items(), colors):
         ax.plot([ai], [min(peak_tflops, ai * bandwidth_tb_s)], "o", ms=8, color=color, label=f"{label}: {ai:,.1f} FLOP/B")
     ax.set_xscale("log")
@@ -238,7 +239,7 @@ def plot_flop_shares(lengths: Sequence[int], counts: Sequence, ax=None, mark: in
     ax.set_xlabel("prompt length T (tokens)")
     ax.set_ylabel("share of the forward pass's FLOPs")
     ax.set_title(title or "where the FLOPs go", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))     # outside: the stack fills the axes
     return ax
 
 
@@ -278,7 +279,7 @@ def plot_decode_steps(no_cache: Sequence[float], cache: Sequence[float], ax=None
     ax.set_xlabel("decode step")
     ax.set_ylabel("ms per step")
     ax.set_ylim(bottom=0)
-    ax.set_title("decoding 128 tokens", fontsize=10)
+    ax.set_title(f"decoding {len(cache)} tokens", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return ax

@@ -73,7 +73,7 @@ class FlopSplit:
             html_text = self._render(spec, T, counts, logits)
             if self._plot:
                 lengths = [n for n in PROMPT_LENGTHS if n <= (spec.max_position_embeddings or PROMPT_LENGTHS[-1])]
-                fig = Figure(figsize=(6.5, 3.8), dpi=72, constrained_layout=True)
+                fig = Figure(figsize=(8, 3.8), dpi=72, constrained_layout=True)
                 plot_flop_shares(lengths, [forward_flops(spec, n, logits=logits) for n in lengths], ax=fig.subplots(),
                                  mark=T, title=f"{spec.name}: share of the FLOPs by part")
                 self._show(fig)
