@@ -100,5 +100,7 @@ def test_bad_input_says_what_is_allowed():
         forward_flops(spec, 8, logits="first")
     with pytest.raises(ValueError, match="new_tokens > 0"):
         forward_flops(spec, 0)
+    with pytest.raises(ValueError, match=r"dtype_bytes must be one of \[1, 2, 4\] \(bytes per element\), got 3"):
+        decode_step_cost(spec, context=16, dtype_bytes=3)
     with pytest.raises(ValueError, match="MLA"):
         decode_step_cost(kvlab.ModelSpec.preset("deepseek-v3"), context=16)

@@ -122,6 +122,14 @@ def prefill_fit(spec: ModelSpec, logits: str = "all") -> PrefillFit:
     return fit
 
 
+def _kv_dtype(dtype_bytes: int) -> str:
+    """The KV dtype name for a width in bytes (what kvlab.memory counts by)."""
+    names = {4: "float32", 2: "float16", 1: "int8"}
+    if dtype_bytes not in names:
+        raise ValueError(f"dtype_bytes must be one of {sorted(names)} (bytes per element), got {dtype_bytes!r}")
+    return names[dtype_bytes]
+
+
 def step_bytes(spec: ModelSpec, new_tokens: int, context: int = 0, batch_size: int = 1,
                dtype_bytes: int = 2) -> int:
     """The fewest bytes one forward step must move: all weights once, plus the K/V it
@@ -130,7 +138,7 @@ def step_bytes(spec: ModelSpec, new_tokens: int, context: int = 0, batch_size: i
 
     if spec.num_params is None:
         raise ValueError(f"{spec.name}: num_params is unknown, so weight bytes cannot be counted")
-    kv_dtype = {4: "float32", 2: "float16", 1: "int8"}[dtype_bytes]
+    kv_dtype = _kv_dtype(dtype_bytes)
     kv_per_token = kv_bytes_per_token(spec, kv_dtype=kv_dtype)
     return spec.num_params * dtype_bytes + batch_size * (context + new_tokens) * kv_per_token
 
@@ -199,7 +207,7 @@ def decode_step_cost(spec: ModelSpec, context: int, batch_size: int = 1, dtype_b
     if spec.attention == "mla":
         raise ValueError(f"{spec.name}: MLA attends over a compressed latent; this split counts GQA/MHA attention only")
     f = forward_flops(spec, 1, context=context, batch_size=batch_size, logits="last")
-    kv_dtype = {4: "float32", 2: "float16", 1: "int8"}[dtype_bytes]
+    kv_dtype = _kv_dtype(dtype_bytes)
     weights = PartCost(flops=f.projections + f.ffn + f.lm_head, bytes=spec.num_params * dtype_bytes)
     attention = PartCost(flops=f.attention,
                          bytes=batch_size * (context + 1) * kv_bytes_per_token(spec, kv_dtype=kv_dtype))
