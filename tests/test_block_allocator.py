@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kvlab.paged import BlockAllocator, OutOfBlocksError, PagedAttention, PagedBatch, PagedKVCache
-from kvlab.model.attention import sdpa
+from kvlab.paged import BlockAllocator, OutOfBlocksError, PagedKVCache
 
 BS, NB = 4, 12
 
@@ -65,12 +64,15 @@ class AllocatorMachine(RuleBasedStateMachine):
         return sum(b is block for blocks in self.logical.values() for b in blocks) > 1
 
     def flush(self):
-        """The forward pass: copy-on-write copies first, in order, then the new tokens' writes."""
+        """The forward pass: copy-on-write copies first, in order, then the new tokens' writes;
+        then the runner reports every live sequence computed (prefix caching registers blocks)."""
         for src, dst in self.pending_copies:
             self.store[dst * BS:(dst + 1) * BS] = self.store[src * BS:(src + 1) * BS]
         for slot, tok in self.pending_writes:
             self.store[slot] = tok
         self.pending_copies, self.pending_writes = [], []
+        for sid, toks in self.tokens.items():
+            self.alloc.mark_computed(sid, len(toks))
 
     def do_allocate(self, tokens: list[int]) -> int | None:
         sid = self.new_id()
@@ -257,6 +259,7 @@ class PrefixCachingMachine(AllocatorMachine):
         a = self.do_allocate(prompt)
         if a is None:
             return
+        self.flush()                          # a's prefill runs: its full blocks become hits
         second = prompt[:keep] + tail
         b = self.do_allocate(second)
         if b is None:
@@ -355,6 +358,7 @@ def test_prefix_cache_reuses_full_blocks_and_caps_at_last_token():
     system = list(range(100, 112))                                       # 3 full blocks
     a = alloc.allocate_sequence("a", system + [1, 2])
     assert alloc.num_cached_tokens("a") == 0
+    alloc.mark_computed("a", 14)                                         # its prefill ran
     b = alloc.allocate_sequence("b", system + [3])
     assert b[:3] == a[:3] and alloc.num_cached_tokens("b") == 12
     assert [alloc.ref_count(x) for x in a[:3]] == [2, 2, 2]
@@ -369,6 +373,7 @@ def test_prefix_cache_blocks_filled_by_appends_become_hits():
     alloc.allocate_sequence("a", [1, 2, 3])
     alloc.append_token("a", 4)                                           # block 0 now full
     alloc.append_token("a", 5)
+    alloc.mark_computed("a", 5)                                          # the decode step ran
     alloc.allocate_sequence("b", [1, 2, 3, 4, 9])
     assert alloc.num_cached_tokens("b") == 4
     assert alloc.block_table("b")[0] == alloc.block_table("a")[0]
@@ -377,11 +382,13 @@ def test_prefix_cache_blocks_filled_by_appends_become_hits():
 def test_freed_cached_blocks_stay_reusable_and_are_evicted_lru_last():
     alloc = BlockAllocator(4, 2, enable_prefix_caching=True)
     alloc.allocate_sequence("a", [1, 2, 3, 4, 5])            # blocks 0, 1 full (hashed), 2 partly
+    alloc.mark_computed("a", 5)
     alloc.free_sequence("a")
     assert alloc.num_free_blocks == 4                         # cached blocks count as free
     assert [alloc.block_hash(b) is not None for b in range(4)] == [True, True, False, False]
     alloc.allocate_sequence("x", [7, 8, 9])                   # uncached free blocks go first
     assert alloc.block_table("x") == [3, 2]
+    alloc.mark_computed("x", 3)                               # x's full block 3 is cached too
     assert alloc.block_hash(0) is not None and alloc.block_hash(1) is not None
     alloc.free_sequence("x")
     alloc.allocate_sequence("b", [1, 2, 3, 4, 6])             # hits both of a's blocks
@@ -395,9 +402,30 @@ def test_freed_cached_blocks_stay_reusable_and_are_evicted_lru_last():
     assert alloc.block_table("z")[0] == 0 and alloc.num_cached_tokens("z") == 2
 
 
+def test_prefix_cache_never_hits_blocks_whose_prefill_did_not_run():
+    """Regression: hashes used to be registered at allocation, before the K/V were written. A
+    request preempted or aborted before its prefill ran left registered blocks holding garbage,
+    and a later prompt with the same prefix hit them. Now only mark_computed registers."""
+    alloc = BlockAllocator(8, 4, enable_prefix_caching=True)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    alloc.allocate_sequence("aborted", prompt)              # admitted, then aborted before any forward pass
+    alloc.free_sequence("aborted")
+    assert all(alloc.block_hash(b) is None for b in range(8))
+    alloc.allocate_sequence("next", prompt)
+    assert alloc.num_cached_tokens("next") == 0             # nothing to reuse: it must prefill everything
+    alloc.mark_computed("next", 6)                          # a chunk of 6 ran: block 0 is full and computed
+    assert alloc.block_hash(alloc.block_table("next")[0]) is not None
+    assert alloc.block_hash(alloc.block_table("next")[1]) is None
+    alloc.allocate_sequence("third", prompt)
+    assert alloc.num_cached_tokens("third") == 4            # only the computed block is a hit
+    with pytest.raises(ValueError, match="num_tokens"):
+        alloc.mark_computed("next", 10)
+
+
 def test_can_allocate_counts_hits_that_are_in_use():
     alloc = BlockAllocator(3, 2, enable_prefix_caching=True)
     alloc.allocate_sequence("a", [1, 2, 3, 4, 5])                        # 3 blocks, none free
+    alloc.mark_computed("a", 5)
     assert alloc.num_free_blocks == 0
     assert alloc.can_allocate([1, 2, 3]) is False                        # hit block 0, needs 1 new
     assert alloc.free_blocks_needed([1, 2, 3]) == 1 and alloc.free_blocks_needed([7, 8, 9]) == 2
@@ -427,153 +455,6 @@ def test_paged_cache_write_gather_copy_against_contiguous():
     assert torch.equal(cache.gather(1, alloc.block_table("t"), 7)[0], k)
     with pytest.raises(ValueError, match="positive int"):
         PagedKVCache(1, 0, 4, 1, 1)
-
-
-def test_paged_attention_matches_dense_causal_attention():
-    """Prefill of several right-padded rows (one after a cached prefix), then a decode step,
-    against plain SDPA on the contiguous tensors."""
-    torch.manual_seed(0)
-    hq, hkv, d, bs = 4, 2, 8, 4
-    cache = PagedKVCache(1, 16, bs, hkv, d, dtype=torch.float64)
-    alloc = BlockAllocator(16, bs, free_order=torch.randperm(16).tolist())
-    lens, cached = [9, 3, 6], [0, 0, 4]          # row 2: its first 4 tokens were written earlier
-    q = [torch.randn(n, hq, d, dtype=torch.float64) for n in lens]
-    k = [torch.randn(n, hkv, d, dtype=torch.float64) for n in lens]
-    v = [torch.randn(n, hkv, d, dtype=torch.float64) for n in lens]
-    for i, n in enumerate(lens):
-        alloc.allocate_sequence(i, list(range(n)))
-        if cached[i]:
-            pre = torch.tensor([alloc.slot(i, p) for p in range(cached[i])])
-            cache.write(0, pre, k[i][:cached[i]], v[i][:cached[i]])
-    new = [n - c for n, c in zip(lens, cached)]
-    batch = PagedBatch.build([alloc.block_table(i) for i in range(3)], lens, new, bs)
-    t = max(new)
-    pad = lambda x, i: torch.cat([x[cached[i]:], x.new_zeros(t - new[i], *x.shape[1:])])
-    qb, kb, vb = (torch.stack([pad(x[i], i) for i in range(3)]) for x in (q, k, v))
-    pos = torch.stack([torch.cat([torch.arange(cached[i], lens[i]), torch.zeros(t - new[i], dtype=torch.long)])
-                       for i in range(3)])
-    out = PagedAttention(cache).set_batch(batch)(0, qb, kb, vb, pos)
-    for i in range(3):
-        ref = sdpa(q[i][None], k[i][None], v[i][None], is_causal=True)[0]
-        torch.testing.assert_close(out[i, :new[i]], ref[cached[i]:])
-    # decode: one more token per row, through the decode attention function
-    q1, k1, v1 = torch.randn(3, 1, hq, d, dtype=torch.float64), torch.randn(3, 1, hkv, d, dtype=torch.float64), \
-        torch.randn(3, 1, hkv, d, dtype=torch.float64)
-    slots = [alloc.append_token(i, 0) for i in range(3)]
-    batch = PagedBatch.build([alloc.block_table(i) for i in range(3)], [n + 1 for n in lens], [1] * 3, bs)
-    assert batch.slot_mapping[:, 0].tolist() == slots
-    out = PagedAttention(cache).set_batch(batch)(0, q1, k1, v1, torch.tensor(lens)[:, None])
-    for i in range(3):
-        kk, vv = torch.cat([k[i], k1[i]]), torch.cat([v[i], v1[i]])
-        ref = sdpa(q1[i][None], kk[None], vv[None])[0]
-        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)   # the reference softmaxes in fp32
-
-
-def test_paged_attention_without_batch_raises():
-    cache = PagedKVCache(1, 2, 2, 1, 2)
-    with pytest.raises(ValueError, match="set_batch"):
-        PagedAttention(cache)(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2),
-                              torch.zeros(1, 1, dtype=torch.long))
-
-
-# ---------------------------------------------------------------- trace replay
-
-def test_replay_matches_brute_force_lengths():
-    """A pool large enough for everything: blocks in use each step are sum(ceil(len / bs))
-    over the requests still running, computed here from lengths alone."""
-    from kvlab.paged.trace import replay
-    prompts, outs, bs = [[1] * 5, [2] * 9, [3] * 2], [3, 1, 4], 4
-    stats = replay(prompts, outs, num_blocks=64, block_size=bs)
-    expected = []
-    for step in range(1, max(outs) + 1):
-        expected.append(sum(-(-(len(p) + step) // bs) for p, o in zip(prompts, outs) if o > step))
-    assert stats.used_blocks == expected
-    assert (stats.steps, stats.peak_running, stats.preemptions, stats.prompt_tokens) == (4, 3, 0, 16)
-
-
-def test_replay_preempts_the_newest_and_recomputes_it_with_its_generated_tokens():
-    """Worked by hand. Pool of 4 blocks of 2 (watermark int(0.01 * 4) = 0 blocks). Request 0:
-    prompt 2, output 5; request 1: prompt 2, output 3. A request holds prompt + tokens produced
-    (the last one is never appended: it finishes instead).
-      step 1: admit 0 and 1 (1 block each); each produces and appends a token (3 held, 2 blocks each): 4 used
-      step 2: each appends its 2nd token into its partly filled block (4 held): 4 used
-      step 3: 0 produces its 3rd token, needs a 3rd block, none free: preempt the newest (1, holding
-              2 blocks, 2 tokens generated); 0 appends (5 held, 3 blocks): 3 used
-      step 4: 1 needs 2 blocks to come back (prompt 2 + generated 2), 1 free: waits; 0 appends (6 held): 3 used
-      step 5: 0 produces its 5th token and finishes: 0 used
-      step 6: 1 is re-admitted with 2 + 2 tokens (4 recomputed), produces its 3rd token and finishes: 0 used
-    Appended while decoding: 0 -> 4 (steps 1-4), 1 -> 2 (steps 1-2); restarting 1's output from
-    zero (as the old code did) would have appended 4 to it and taken 8 steps."""
-    from kvlab.paged.trace import replay
-    stats = replay([[1] * 2, [2] * 2], [5, 3], num_blocks=4, block_size=2)
-    assert (stats.steps, stats.preemptions, stats.appended) == (6, 1, [4, 2])
-    assert stats.used_blocks == [4, 4, 3, 3, 0, 0] and stats.running == [2, 2, 1, 1, 0, 0]
-    assert (stats.prompt_tokens, stats.recomputed_tokens, stats.peak_running) == (2 + 2 + 4, 4, 2)
-
-
-def test_replay_admission_keeps_the_watermark_free_while_anything_runs():
-    """Pool of 4 blocks of 2, three requests of prompt 4 (2 blocks), output 1. Watermark 0: two
-    fit at once (2 + 2 blocks), two steps. Watermark 0.25 (1 block): the second would leave 0 < 1
-    free while the first runs, so they run one at a time, three steps; an empty pool ignores it."""
-    from kvlab.paged.trace import replay
-    trace = ([[1] * 4] * 3, [1] * 3)
-    assert [(s.steps, s.peak_running) for s in (replay(*trace, num_blocks=4, block_size=2, watermark=w)
-                                                for w in (0.0, 0.25))] == [(2, 2), (3, 1)]
-
-
-def test_replay_prefix_cache_hits_on_a_shared_prefix():
-    from kvlab.paged.trace import replay
-    shared = list(range(100, 116))                       # 4 full blocks of 4
-    prompts = [shared + [i] for i in range(5)]
-    stats = replay(prompts, [2] * 5, num_blocks=64, block_size=4, enable_prefix_caching=True)
-    assert stats.cached_tokens == 4 * 16 and stats.hit_rate == 64 / 85
-
-
-def test_replay_bad_input():
-    from kvlab.paged.trace import replay
-    with pytest.raises(ValueError, match="one output length per prompt"):
-        replay([[1]], [1, 2], num_blocks=4)
-    with pytest.raises(ValueError, match="needs more than the 2 blocks"):
-        replay([[1] * 40], [1], num_blocks=2, block_size=16)
-
-
-def test_gather_decode_attention_matches_the_reference():
-    from kvlab.kernels import paged_attention_reference
-    from kvlab.paged import gather_decode_attention
-    torch.manual_seed(0)
-    k_cache, v_cache = torch.randn(10, 4, 2, 8), torch.randn(10, 4, 2, 8)
-    tables = torch.tensor([[7, 2, 9], [0, 5, 0], [3, 0, 0]], dtype=torch.int32)
-    lens = torch.tensor([11, 5, 1], dtype=torch.int32)
-    q = torch.randn(3, 6, 8)
-    torch.testing.assert_close(gather_decode_attention(q, k_cache, v_cache, tables, lens),
-                               paged_attention_reference(q, k_cache, v_cache, tables, lens), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="default scale"):
-        gather_decode_attention(q, k_cache, v_cache, tables, lens, scale=0.5)
-
-
-def test_blocks_to_append_matches_appending_on_a_copy():
-    """Random allocate / fork / append histories (forks share partly filled last blocks, 2 to 4
-    ways): blocks_to_append(ids) equals the free blocks actually taken by appending one token to
-    each of ids on a deep copy of the allocator, for random subsets ids of the live sequences."""
-    import copy
-    from kvlab.paged import blocks_to_append
-    rng = random.Random(0)
-    for _ in range(200):
-        alloc = BlockAllocator(64, rng.choice([1, 2, 4]))
-        names = []
-        for i in range(rng.randint(1, 3)):
-            alloc.allocate_sequence(f"p{i}", [0] * rng.randint(1, 9))
-            names.append(f"p{i}")
-            for j in range(rng.randint(0, 3)):
-                alloc.fork(f"p{i}", f"p{i}.{j}")
-                names.append(f"p{i}.{j}")
-        for s in rng.sample(names, rng.randint(0, len(names))):    # some writers move off shared blocks
-            alloc.append_token(s, 1)
-        ids = rng.sample(names, rng.randint(1, len(names)))
-        trial = copy.deepcopy(alloc)
-        for s in ids:
-            trial.append_token(s, 2)
-        assert blocks_to_append(alloc, ids) == alloc.num_free_blocks - trial.num_free_blocks
 
 
 def test_notebook_log_lists_non_contiguous_slots_as_runs():

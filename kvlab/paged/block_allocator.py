@@ -21,11 +21,15 @@ Three ideas on top of plain paging:
   stay shared for good.
 * Prefix caching (`enable_prefix_caching=True`). A full block is named by a hash
   chained over (previous block's hash, this block's token ids), so equal hashes
-  mean equal prefixes. A new prompt that starts with cached full blocks reuses
-  them; `num_cached_tokens(seq_id)` says how many prompt tokens need no prefill.
-  Freed cached blocks keep their hash and contents: they count as free, and are
-  evicted least recently used first, only when a block is needed and no uncached
-  free block is left.
+  mean equal prefixes. A block is registered under its hash only once its K/V
+  have been computed: the runner reports that with `mark_computed(seq_id, n)`
+  after each forward pass (vLLM v1 caches a block when the tokens that fill it are
+  computed). Registering at allocation would let a later prompt hit a block whose
+  owner was preempted or aborted before its prefill ran: garbage K/V. A new prompt
+  that starts with registered full blocks reuses them; `num_cached_tokens(seq_id)`
+  says how many prompt tokens need no prefill. Freed cached blocks keep their hash
+  and contents: they count as free, and are evicted least recently used first,
+  only when a block is needed and no uncached free block is left.
 
 The allocator knows nothing of tensors or models: it hands out block ids and
 slots (slot = block_id * block_size + offset), and `kvlab.paged.PagedKVCache`
@@ -62,7 +66,7 @@ class _Sequence:
     """What the allocator remembers about one live sequence."""
     block_table: list[int]
     token_ids: list[int]
-    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block
+    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full, computed block
     num_cached_tokens: int = 0
 
 
@@ -83,6 +87,7 @@ class BlockAllocator:
         can_allocate(token_ids) -> bool      allocate_sequence(seq_id, token_ids) -> block table
         free_blocks_needed(token_ids) -> int (what can_allocate compares with num_free_blocks)
         can_append(seq_id) -> bool           append_token(seq_id, token_id) -> slot
+        mark_computed(seq_id, num_tokens)    after a forward pass: register full blocks (prefix cache)
         fork(parent_id, child_id)            free_sequence(seq_id)
         pop_copies() -> [(src, dst), ...]    copy-on-write copies the cache must perform
 
@@ -179,8 +184,8 @@ class BlockAllocator:
         With prefix caching, leading full blocks already in the cache are reused (their
         count goes up) instead of taken; the block holding the last prompt token is never a
         hit, so prefill always computes at least one token (the one whose logits sample the
-        next token). Hashes of the new full blocks are registered now: their K/V are written
-        by the prefill that follows, before any later forward pass can read them."""
+        next token). The new blocks are not registered yet: `mark_computed` does that once
+        the forward pass has written their K/V."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         token_ids = self._check_tokens(token_ids)
@@ -195,11 +200,8 @@ class BlockAllocator:
             table.append(block_id)
         for _ in range(self.blocks_needed(len(token_ids)) - len(hits)):
             table.append(self._take_free_block())
-        seq = _Sequence(table, token_ids, num_cached_tokens=len(hits) * self.block_size)
-        self._seqs[seq_id] = seq
-        if self.enable_prefix_caching:
-            for i in range(len(token_ids) // self.block_size):
-                self._register_full_block(seq, i, hashes[i] if i < len(hashes) else None)
+        self._seqs[seq_id] = _Sequence(table, token_ids, block_hashes=hashes[:len(hits)],
+                                       num_cached_tokens=len(hits) * self.block_size)
         return list(table)
 
     # ------------------------------------------------------------------ append
@@ -233,9 +235,20 @@ class BlockAllocator:
                 seq.block_table[-1] = new_id
                 self._copies.append((last.block_id, new_id))
         seq.token_ids.append(token_id)
-        if self.enable_prefix_caching and offset == self.block_size - 1:
-            self._register_full_block(seq, pos // self.block_size, None)
         return seq.block_table[-1] * self.block_size + offset
+
+    def mark_computed(self, seq_id: SeqId, num_tokens: int) -> None:
+        """The forward pass has written the K/V of the sequence's first `num_tokens` tokens.
+        With prefix caching, each full block among them is registered under its chained hash,
+        so later prompts that start the same way can reuse it. A no-op without prefix caching."""
+        seq = self._seq(seq_id)
+        if not isinstance(num_tokens, int) or not 0 <= num_tokens <= len(seq.token_ids):
+            raise ValueError(f"num_tokens must be an int in [0, {len(seq.token_ids)}] for sequence "
+                             f"{seq_id!r}, got {num_tokens!r}")
+        if not self.enable_prefix_caching:
+            return
+        for i in range(len(seq.block_hashes), num_tokens // self.block_size):
+            self._register_full_block(seq, i)
 
     def pop_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write copies (source block, destination block) queued since the last call."""
@@ -366,16 +379,14 @@ class BlockAllocator:
             del self._cached_free[block_id]
         block.ref_count += 1
 
-    def _register_full_block(self, seq: _Sequence, index: int, h: int | None) -> None:
-        """Block `index` of the sequence just became full: record its chained hash and, if no
-        other block holds the same prefix, make it findable by later prompts."""
+    def _register_full_block(self, seq: _Sequence, index: int) -> None:
+        """Block `index` of the sequence is full and computed: record its chained hash and, if
+        no other block holds the same prefix, make it findable by later prompts."""
         bs = self.block_size
         chunk = tuple(seq.token_ids[index * bs:(index + 1) * bs])
-        if h is None:
-            prev = seq.block_hashes[index - 1] if index > 0 else _NO_PARENT
-            h = block_hash(prev, chunk)
-        if index == len(seq.block_hashes):
-            seq.block_hashes.append(h)
+        prev = seq.block_hashes[index - 1] if index > 0 else _NO_PARENT
+        h = block_hash(prev, chunk)
+        seq.block_hashes.append(h)
         block = self._blocks[seq.block_table[index]]
         if block.hash is None and h not in self._hash_to_block:
             block.hash, block.token_ids = h, chunk
