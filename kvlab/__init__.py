@@ -44,8 +44,15 @@ _EXPORTS = {
     "simulate_allocation": "kvlab.fragmentation",
     "BlockAllocator": "kvlab.paged",
     "PagedKVCache": "kvlab.paged",
+    "SamplingParams": "kvlab.engine",
+    "LLM": "kvlab.engine",
+    "LLMEngine": "kvlab.engine",
+    "EngineConfig": "kvlab.engine",
+    "RequestOutput": "kvlab.engine",
+    "CompletionOutput": "kvlab.engine",
 }
-_SUBMODULES = ("model", "cache", "memory", "workloads", "fragmentation", "paged", "kernels", "bench", "ui", "cli")
+_SUBMODULES = ("model", "cache", "memory", "workloads", "fragmentation", "paged", "kernels", "engine", "bench",
+               "ui", "cli")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -83,14 +83,15 @@ class PagedKVCache:
         slot_mapping: int64 (N,), slot = block_id * block_size + offset, -1 = padding (skipped)
         k, v: (N, num_kv_heads, head_dim)
 
-        On a GPU this is kvlab's Triton kernel (one launch per layer, no host sync); the
-        torch scatter below is its reference and the CPU path.
+        On a GPU this is kvlab's Triton kernel, launched without value checks (one launch per
+        layer, no host sync, capturable in a CUDA graph): the slots must come from the block
+        allocator, as the engine's do. The torch scatter below is its reference and the CPU path.
         """
         if self.kv.is_cuda:
-            from kvlab.kernels import store_kv
+            from kvlab.kernels import store_kv_launch
 
-            store_kv(k.to(self.dtype), v.to(self.dtype), self.k_cache(layer_idx), self.v_cache(layer_idx),
-                     slot_mapping)
+            store_kv_launch(k.to(self.dtype), v.to(self.dtype), self.k_cache(layer_idx), self.v_cache(layer_idx),
+                            slot_mapping)
             return
         valid = slot_mapping >= 0
         if not bool(valid.all()):

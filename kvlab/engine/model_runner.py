@@ -1,0 +1,293 @@
+"""The model runner: the KV pool, one forward pass per step, CUDA graphs for decode.
+
+    runner = ModelRunner(model, config, max_model_len)   # sizes and allocates the KV pool
+    sampled = runner.execute(scheduler_output)            # {sequence: token id}
+
+Sizing the pool (vLLM's method, nano-vllm's formula). On a GPU the runner first runs a
+dummy step of `max_num_batched_tokens` tokens and reads the peak memory it needed
+(activations, logits, sampler buffers); the KV pool gets what is left of
+`gpu_memory_utilization` of the card after the weights and that peak:
+
+    kv_bytes = total * utilization - in_use_now - (peak - allocated_now)
+    num_blocks = kv_bytes // (2 * layers * block_size * kv_heads * head_dim * dtype_bytes)
+
+On the CPU the pool is `kv_cache_memory_bytes` (default: enough for every running
+sequence at full length, at most 1 GiB). `num_kv_blocks` overrides both.
+
+A step's inputs are a few flat arrays built with numpy on the host, then copied to the
+device: token ids, positions, slot mapping, the rows' block tables, the indices of the
+tokens that sample. Block tables are not rebuilt each step: each running sequence owns a
+row of a persistent (max_num_seqs, max_blocks) buffer, and only entries that changed
+since the last step are written (a new block, a copy-on-write move), so host work per
+step grows with the batch, not with the context (vLLM v1's BlockTable does the same).
+
+CUDA graphs. A small model's decode step is hundreds of tiny kernels (30 layers x ~12):
+launching them costs more host time than the GPU needs to run them. So at start-up the
+runner captures the whole forward of a decode-only step at a set of batch sizes into
+CUDA graphs (static input buffers, the Triton kernel reading block tables from them); a
+decode step copies its inputs into the buffers of the next captured size up, padding rows
+with slot -1 (nothing written) and length 0 (nothing read), and replays the graph: one
+launch. Steps with prefill chunks run eagerly. (nano-vllm's capture_cudagraph; vLLM v1
+captures piecewise graphs around attention so that mixed steps replay too.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvlab.engine.attention import AttentionMetadata, EngineAttention, GatheredLayout
+from kvlab.engine.config import EngineConfig
+from kvlab.engine.sampler import SamplingBatch, logprobs_of, sample
+from kvlab.engine.scheduler import SchedulerOutput
+from kvlab.model.attention import causal_attention
+from kvlab.paged.kv_cache import PagedKVCache
+
+GiB = 1 << 30
+CPU_DEFAULT_KV_BYTES = 1 * GiB
+
+
+@dataclass
+class StepResult:
+    sampled: dict                        # Sequence -> token id
+    logprobs: dict                       # Sequence -> (chosen logprob, {token: logprob}) if asked
+    prepare_time: float                  # seconds building inputs on the host
+    forward_time: float                  # seconds from launch until the tokens are on the host
+    device_time: float | None            # GPU seconds (CUDA events), None on the CPU
+    cuda_graph: bool
+
+
+class ModelRunner:
+    def __init__(self, model, config: EngineConfig, max_model_len: int):
+        self.model = model
+        self.config = config
+        self.spec = model.spec
+        self.device = model.embed_tokens.device
+        self.dtype = model.embed_tokens.dtype
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks = math.ceil(max_model_len / self.block_size)
+        self.is_cuda = self.device.type == "cuda"
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.is_cuda else "torch"
+        self.decode_backend = backend
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.profile_peak_bytes = 0
+        self.num_blocks = config.num_kv_blocks or self._size_kv_pool()
+        self.cache = PagedKVCache.from_spec(self.spec, self.num_blocks, self.block_size, dtype=self.dtype,
+                                            device=self.device)
+        self.attn = EngineAttention(self.cache, self.decode_backend)
+        self.tables = np.zeros((config.max_num_seqs, self.max_blocks), dtype=np.int32)  # row per running seq
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_capture_time = 0.0
+        if self.is_cuda and not config.enforce_eager and self.decode_backend == "triton":
+            self._capture_cuda_graphs()
+
+    @property
+    def block_bytes(self) -> int:
+        s = self.spec
+        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        t0 = time.perf_counter()
+        self.cache.copy_blocks(out.copies)                 # copy-on-write, before any new write
+        items = out.scheduled
+        n_rows = len(items)
+        num_new = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=n_rows)
+        context = np.fromiter((it.seq.num_computed_tokens for it in items), dtype=np.int64, count=n_rows)
+        rows = np.fromiter((it.seq.row for it in items), dtype=np.int64, count=n_rows)
+        self._sync_block_tables(items)
+        ends = np.cumsum(num_new)
+        starts = ends - num_new
+        n_tokens = int(ends[-1])
+        ids = np.empty(n_tokens, dtype=np.int64)
+        for it, a, c, n in zip(items, starts.tolist(), context.tolist(), num_new.tolist()):
+            ids[a:a + n] = it.seq.token_ids[c:c + n] if n > 1 else it.seq.token_ids[c]
+        positions = np.arange(n_tokens) - np.repeat(starts - context, num_new)
+        token_rows = np.repeat(rows, num_new)
+        slots = self.tables[token_rows, positions // self.block_size].astype(np.int64) * self.block_size \
+            + positions % self.block_size
+        # the rows that sample, and which logits row each sampling sequence reads (n > 1: shared)
+        sampling, logit_rows = [], []
+        for i, it in enumerate(items):
+            if it.samples:
+                for seq in (it.seq, *it.children):
+                    sampling.append(seq)
+                    logit_rows.append(i)
+        num_decode = int(np.searchsorted(num_new, 2))      # one-token rows come first
+        seq_lens = context + num_new
+
+        graph_bs = self._graph_size(n_rows, num_decode)
+        if self.is_cuda:                                   # GPU timeline from the first copy to the tokens
+            start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_ev.record()
+        if graph_bs:
+            self._fill_graph_inputs(graph_bs, ids, positions, slots, rows, seq_lens)
+            t1 = time.perf_counter()
+            graph, logits = self.graphs[graph_bs]
+            graph.replay()
+            logits = logits[:n_rows]
+        else:
+            dev = lambda a, dtype=torch.long: torch.from_numpy(a).to(self.device, dtype=dtype, non_blocking=True)
+            md = AttentionMetadata(dev(slots), num_decode)
+            width = int((seq_lens.max() + self.block_size - 1) // self.block_size)
+            if num_decode:
+                tables = self.tables[rows[:num_decode], :width]
+                if self.decode_backend == "triton":
+                    md.decode_block_tables = dev(np.ascontiguousarray(tables), torch.int32)
+                    md.decode_seq_lens = dev(seq_lens[:num_decode], torch.int32)
+                else:
+                    md.decode_layout = GatheredLayout.build(starts[:num_decode], num_new[:num_decode],
+                                                            context[:num_decode], tables, self.block_size,
+                                                            self.device)
+            if num_decode < n_rows:
+                md.prefill_layout = GatheredLayout.build(starts[num_decode:] - starts[num_decode],
+                                                         num_new[num_decode:], context[num_decode:],
+                                                         self.tables[rows[num_decode:], :width], self.block_size,
+                                                         self.device)
+            self.attn.metadata = md
+            sample_rows = dev((ends - 1)[logit_rows]) if sampling else None
+            ids_t, pos_t = dev(ids), dev(positions)
+            t1 = time.perf_counter()
+            logits = self.model.forward(ids_t, pos_t, self.attn, logits_indices=sample_rows)
+            logit_rows = list(range(len(sampling)))
+        tokens, logprobs = self._sample(logits, logit_rows, sampling)
+        if self.is_cuda:
+            end_ev.record()
+        token_list = tokens.tolist()                        # the one device-to-host sync of the step
+        device_time = start_ev.elapsed_time(end_ev) / 1e3 if self.is_cuda else None
+        t2 = time.perf_counter()
+        return StepResult(dict(zip(sampling, token_list)), logprobs, t1 - t0, t2 - t1, device_time, bool(graph_bs))
+
+    def _sync_block_tables(self, items) -> None:
+        """Copy into the persistent buffer only the table entries that changed since last step."""
+        for it in items:
+            seq = it.seq
+            table, synced = seq.block_table, seq.table_synced
+            if synced < len(table):
+                self.tables[seq.row, synced:len(table)] = table[synced:]
+                seq.table_synced = len(table)
+            for child in it.children:                      # forked after this step: same table
+                self.tables[child.row, :len(table)] = self.tables[seq.row, :len(table)]
+                child.table_synced = len(table)
+
+    def _sample(self, logits: torch.Tensor, logit_rows: list[int], sampling: list) -> tuple[torch.Tensor, dict]:
+        if not sampling:
+            return torch.empty(0, dtype=torch.long), {}
+        if logit_rows != list(range(len(logit_rows))):
+            logits = logits[torch.tensor(logit_rows, device=logits.device)]
+        params = [s.params for s in sampling]
+        all_greedy = all(p.temperature == 0 for p in params)
+        batch = SamplingBatch(
+            temperature=torch.tensor([p.temperature for p in params], device=self.device),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=self.device),
+            top_p=torch.tensor([p.top_p for p in params], device=self.device),
+            generators=[(i, s.generator) for i, s in enumerate(sampling) if s.generator is not None],
+            all_greedy=all_greedy,
+            needs_filter=any(p.top_k > 0 or p.top_p < 1 for p in params if p.temperature > 0),
+            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        ) if not all_greedy else SamplingBatch(None, None, None, [], True, False,
+                                               max((p.logprobs for p in params if p.logprobs is not None),
+                                                   default=-1))
+        tokens = sample(logits, batch, self.generator)
+        logprobs = {}
+        if batch.num_logprobs >= 0:
+            chosen, top_ids, top_vals = logprobs_of(logits, tokens, batch.num_logprobs)
+            chosen, top_ids, top_vals = chosen.tolist(), top_ids.tolist(), top_vals.tolist()
+            for i, s in enumerate(sampling):
+                k = s.params.logprobs
+                if k is not None:
+                    tops = dict(zip(top_ids[i][:k], top_vals[i][:k]))
+                    logprobs[s] = (chosen[i], tops)
+        return tokens, logprobs
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph_size(self, n_rows: int, num_decode: int) -> int:
+        """The captured batch size this step replays, or 0 to run eagerly."""
+        if not self.graphs or num_decode != n_rows:
+            return 0
+        for bs in self.graph_sizes:
+            if bs >= n_rows:
+                return bs
+        return 0
+
+    def _capture_cuda_graphs(self) -> None:
+        t0 = time.perf_counter()
+        self.graph_sizes = self.config.graph_batch_sizes()
+        largest = self.graph_sizes[-1]
+        dev = self.device
+        self.g_ids = torch.zeros(largest, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(largest, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((largest,), -1, dtype=torch.long, device=dev)
+        self.g_tables = torch.zeros(largest, self.max_blocks, dtype=torch.int32, device=dev)
+        self.g_lens = torch.zeros(largest, dtype=torch.int32, device=dev)
+        pool = None
+        for bs in reversed(self.graph_sizes):                # largest first: the others reuse its memory
+            md = AttentionMetadata(self.g_slots[:bs], bs, self.g_tables[:bs], self.g_lens[:bs])
+            self.attn.metadata = md
+            self.model.forward(self.g_ids[:bs], self.g_pos[:bs], self.attn)      # warm up (Triton compiles)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.forward(self.g_ids[:bs], self.g_pos[:bs], self.attn)   # (bs, vocab)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize()
+        self.graph_capture_time = time.perf_counter() - t0
+
+    def _fill_graph_inputs(self, bs: int, ids, positions, slots, rows, seq_lens) -> None:
+        n = len(ids)
+        dev = lambda a, dtype=torch.long: torch.from_numpy(a).to(self.device, dtype=dtype, non_blocking=True)
+        self.g_ids[:n].copy_(dev(ids))
+        self.g_pos[:n].copy_(dev(positions))
+        self.g_slots[:n].copy_(dev(slots))
+        self.g_slots[n:bs].fill_(-1)                          # padding rows write nothing
+        self.g_lens[:n].copy_(dev(seq_lens, torch.int32))
+        self.g_lens[n:bs].fill_(0)                            # and read nothing
+        self.g_tables[:n].copy_(dev(self.tables[rows], torch.int32))
+
+    # ------------------------------------------------------------------ sizing the pool
+    def _size_kv_pool(self) -> int:
+        cfg = self.config
+        if cfg.kv_cache_memory_bytes is not None:
+            return max(1, cfg.kv_cache_memory_bytes // self.block_bytes)
+        if not self.is_cuda:
+            full = cfg.max_num_seqs * self.max_blocks           # every row at full length
+            return max(1, min(full, CPU_DEFAULT_KV_BYTES // self.block_bytes))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        allocated = torch.cuda.memory_allocated()
+        self._profile_step()
+        peak = torch.cuda.max_memory_allocated()
+        self.profile_peak_bytes = peak - allocated
+        budget = total * cfg.gpu_memory_utilization - (total - free) - self.profile_peak_bytes
+        if budget < self.block_bytes:
+            raise RuntimeError(f"no memory left for the KV cache: {cfg.gpu_memory_utilization:.0%} of "
+                               f"{total / GiB:.1f} GiB minus {(total - free) / GiB:.1f} GiB in use and a "
+                               f"{self.profile_peak_bytes / GiB:.2f} GiB activation peak; raise "
+                               f"gpu_memory_utilization or lower max_num_batched_tokens")
+        return int(budget // self.block_bytes)
+
+    def _profile_step(self) -> None:
+        """The largest step's activations: max_num_batched_tokens tokens of one sequence, logits for
+        max_num_seqs rows, and the sampler's vocab-wide buffers (top-p sorts)."""
+        cfg = self.config
+        n = min(cfg.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        rows = torch.arange(n - min(n, cfg.max_num_seqs), n, device=self.device)
+        logits = self.model.forward(ids, positions, causal_attention, logits_indices=rows)
+        r = logits.shape[0]
+        batch = SamplingBatch(torch.ones(r, device=self.device), torch.full((r,), 50, device=self.device),
+                              torch.full((r,), 0.9, device=self.device), [], False, True, -1)
+        sample(logits, batch, self.generator)
+        torch.cuda.synchronize()
