@@ -1,6 +1,6 @@
-"""The same code on a CUDA GPU: kvlab's forward pass, the contiguous cache and the paged cache
-with the compiled Triton kernel, against HF on the GPU. Skipped without a GPU (CI has none);
-run on one with `pytest tests/test_gpu.py tests/test_kernels.py`."""
+"""The same code on a CUDA GPU: kvlab's forward pass, the contiguous cache, and the engine (paged
+cache, compiled Triton kernels, CUDA graphs), against HF on the GPU. Skipped without a GPU (CI has
+none); run on one with `pytest tests/test_gpu.py tests/test_kernels.py`."""
 
 import pytest
 import torch
@@ -12,7 +12,8 @@ from kvlab.model.generate import greedy_generate
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-              num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)   # head_dim 32, GQA 4
+              num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
+              eos_token_id=None)   # head_dim 32, GQA 4; no EOS: every run generates what it asked for
 
 
 def hf_model(dtype):
@@ -33,21 +34,54 @@ def hf_greedy(hf, prompt, n):
     return hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
 
 
-def test_contiguous_and_paged_triton_decoding_equal_hf_generate_on_gpu():
-    """fp32 (bf16 ties would make greedy tokens flip): three prompts of different lengths;
-    the paged path decodes every step through the compiled Triton kernel, blocks scattered."""
-    from kvlab.kernels import paged_attention
-    from kvlab.paged import greedy_generate_paged
-
+def test_contiguous_cache_decoding_equals_hf_generate_on_gpu():
     hf = hf_model(torch.float32)
     model = kvlab.Transformer.from_hf(hf)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 17, 40)]
     expected = [hf_greedy(hf, p, 24) for p in prompts]
     contiguous = [greedy_generate(model, torch.tensor([p], device="cuda"), 24).token_ids[0] for p in prompts]
-    paged = greedy_generate_paged(model, prompts, 24, block_size=16, seed=0, decode_attention=paged_attention)
     assert contiguous == expected
-    assert paged == expected
+
+
+def engine_for(hf, **kwargs):
+    from kvlab.model.loading import LoadedModel
+
+    lm = LoadedModel("tiny-gpu", hf, None, kvlab.ModelSpec.from_hf_config(hf.config, name="tiny-gpu"))
+    return kvlab.LLM(model=lm, skip_tokenizer_init=True, gpu_memory_utilization=0.3, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(max_num_batched_tokens=32, max_num_seqs=16),
+                                    dict(num_kv_blocks=12, block_size=16)],
+                         ids=["cuda graphs", "chunked prefill", "preemption"])
+def test_engine_greedy_equals_hf_generate_on_gpu(kwargs):
+    """fp32 (bf16 ties would make greedy tokens flip): 12 prompts of 3..150 tokens through kvlab's
+    engine on the GPU: decode steps replay captured CUDA graphs (the Triton kernel inside), mixed
+    steps run eagerly, blocks scattered; every token equals HF generate's."""
+    hf = hf_model(torch.float32)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 9, 17, 33, 40, 64, 5, 90, 150, 12, 77, 1)]
+    expected = [hf_greedy(hf, p, 20) for p in prompts]
+    llm = engine_for(hf, block_order_seed=0, **kwargs)
+    assert llm.engine.runner.graphs, "no CUDA graph was captured"
+    outs = llm.generate(prompts, kvlab.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    stats = list(llm.engine.stats)
+    assert any(s.cuda_graph for s in stats) and any(not s.cuda_graph for s in stats)
+    if "num_kv_blocks" in kwargs:
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.allocator.num_free_blocks == llm.engine.allocator.num_blocks
+
+
+def test_engine_bf16_with_cuda_graphs_runs_and_matches_eager():
+    """bf16, the engine's default on a GPU: the CUDA-graph path gives the eager path's tokens."""
+    hf = hf_model(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (7, 30, 120)]
+    params = kvlab.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    graphs = engine_for(hf).generate(prompts, params, use_tqdm=False)
+    eager = engine_for(hf, enforce_eager=True).generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in graphs] == [o.outputs[0].token_ids for o in eager]
 
 
 def test_paged_cache_write_on_gpu_uses_the_kernel_and_equals_the_cpu_scatter():

@@ -1,0 +1,510 @@
+"""The race: kvlab's engine against Hugging Face on the same requests, in one process.
+
+    python -m kvlab.bench.engine --workload B --out data/bench/engine_cpu.json        # this CPU
+    python -m kvlab.bench.engine --workload A C --out data/bench/engine_h200.json     # a CUDA GPU
+
+Every system serves the same requests, all submitted at time 0, greedy, ignoring EOS
+(each request generates exactly the tokens it asked for; only those are counted):
+
+    hf_one_at_a_time   model.generate on one request after another
+    hf_threads         one thread per request, each calling model.generate (a common first "server")
+    hf_padded          one left-padded batch, dynamic cache: static batching, every row runs
+                       until the longest is done
+    hf_static_compile  the same with a static cache, which makes transformers torch.compile the
+                       forward pass (GPU only; the first run compiles)
+    hf_continuous      transformers' own continuous batching manager (paged attention), GPU only
+    kvlab              kvlab.LLM: continuous batching on the paged cache, Triton decode kernel,
+                       CUDA graphs (GPU)
+
+Each system runs twice; the second run is measured (warm), the first run's time, plus model
+set-up for kvlab (KV sizing, CUDA graph capture), is reported as its warm-up. Reported per
+system: generated tokens per second (counted tokens / wall time), TTFT and TPOT percentiles
+(per request: first token time minus submission; mean time between its later tokens), and
+the ratios against every HF baseline. Workloads (prompts are random token ids on the GPU, where
+the model has random weights; real text on the CPU):
+
+    A  GPU  64 requests, prompts uniform in 16..512 tokens, 128 new tokens each, bf16
+    C  GPU  256 requests, prompts 16..512, new tokens uniform in 16..512 (mixed: static batching
+            waits for its longest request), bf16
+    B  CPU  16 requests, prompts 16..256 tokens of real text, 64 new tokens, fp32, the real model
+
+On a GPU it also measures kvlab's decode step at batch 64 and 256 (context about 500)
+against its bandwidth bound, (weight bytes + K/V bytes read) / measured copy bandwidth, and
+profiles one eager decode step to say where the rest of the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WORKLOADS = {
+    "A": dict(num_requests=64, prompt_range=(16, 512), new_range=(128, 128), device="cuda"),
+    "C": dict(num_requests=256, prompt_range=(16, 512), new_range=(16, 512), device="cuda"),
+    "B": dict(num_requests=16, prompt_range=(16, 256), new_range=(64, 64), device="cpu"),
+}
+GPU_SYSTEMS = ["kvlab", "hf_padded", "hf_static_compile", "hf_continuous", "hf_one_at_a_time", "hf_threads"]
+CPU_SYSTEMS = ["kvlab", "hf_padded", "hf_one_at_a_time", "hf_threads"]
+
+
+@dataclass
+class Run:
+    system: str
+    tokens: int                              # generated tokens the requests asked for
+    wall: float                              # seconds, all requests
+    warmup: float                            # seconds of the first run (+ set-up), not measured
+    ttft: list[float] = field(repr=False)    # per request, seconds from submission
+    tpot: list[float] = field(repr=False)    # per request, seconds per token after the first
+    num_requests: int = 0
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall
+
+    def summary(self) -> dict:
+        pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
+        return dict(system=self.system, num_requests=self.num_requests, tokens=self.tokens,
+                    wall_s=self.wall, tokens_per_s=self.tokens_per_s, warmup_s=self.warmup,
+                    ttft_s={f"p{q}": pct(self.ttft, q) for q in (50, 90, 99)},
+                    tpot_s={f"p{q}": pct(self.tpot, q) for q in (50, 90, 99)}, note=self.note)
+
+
+# ---------------------------------------------------------------------------- requests
+
+def benchmark_text() -> str:
+    """Real English text for CPU prompts: kvlab's own module docstrings (deterministic, offline)."""
+    import importlib
+    import pkgutil
+
+    import kvlab
+
+    docs = []
+    for mod in sorted(m.name for m in pkgutil.walk_packages(kvlab.__path__, "kvlab.")):
+        if mod.startswith(("kvlab.ui", "kvlab.bench", "kvlab.serve", "kvlab.cli", "kvlab.__main__")):
+            continue
+        try:
+            doc = importlib.import_module(mod).__doc__
+        except Exception:                          # noqa: BLE001  (an optional dependency missing)
+            continue
+        if doc:
+            docs.append(" ".join(doc.split()))
+    return " ".join(docs)
+
+
+def make_requests(workload: str, vocab_size: int, tokenizer=None, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt token ids, new tokens) per request, seeded."""
+    w = WORKLOADS[workload]
+    rng = np.random.default_rng(seed)
+    lo, hi = w["prompt_range"]
+    lengths = rng.integers(lo, hi + 1, w["num_requests"])
+    news = rng.integers(w["new_range"][0], w["new_range"][1] + 1, w["num_requests"])
+    if tokenizer is not None:                      # windows of real text
+        ids = tokenizer.encode(benchmark_text())
+        starts = rng.integers(0, len(ids) - hi, w["num_requests"])
+        prompts = [ids[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
+    else:                                          # random token ids (random weights: text means nothing)
+        prompts = [rng.integers(3, vocab_size, n).tolist() for n in lengths]
+    return list(zip(prompts, news.tolist()))
+
+
+def smollm2_random(device: str, dtype: torch.dtype):
+    """SmolLM2-135M's architecture (its published config) with seeded random weights: the GPU
+    machine has no offline copy of the real weights. Its tokenizer is the real one where kvlab's
+    converted copy exists, else None (prompts as token ids). eos_token_id is None: random
+    weights would stop at a random EOS; every system here ignores EOS anyway."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kvlab.model.loading import LoadedModel
+    from kvlab.model.spec import ModelSpec
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=None, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to(device).eval()
+    return LoadedModel("smollm2-135m-random", model, None, ModelSpec.from_hf_config(model.config,
+                                                                                    name="smollm2-135m-random"))
+
+
+# ---------------------------------------------------------------------------- HF systems
+
+class _Timestamps:
+    """A transformers streamer that records when each generation step's tokens arrive (batched)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._first = True
+
+    def put(self, value):
+        if self._first:                            # generate() first puts the prompt
+            self._first = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _per_request(start: float, step_times: list[float], asked: int) -> tuple[float, float]:
+    """TTFT and TPOT of a request that took the first `asked` steps of a generation."""
+    ttft = step_times[0] - start
+    tpot = (step_times[asked - 1] - step_times[0]) / (asked - 1) if asked > 1 else 0.0
+    return ttft, tpot
+
+
+def hf_generate_one(lm, prompt: list[int], new: int):
+    ids = torch.tensor([prompt], device=lm.device)
+    stamps = _Timestamps()
+    lm.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, pad_token_id=0, streamer=stamps)
+    return stamps.times
+
+
+def hf_one_at_a_time(lm, requests) -> tuple[list, list]:
+    start = time.perf_counter()
+    ttft, tpot = [], []
+    for prompt, new in requests:
+        t, p = _per_request(start, hf_generate_one(lm, prompt, new), new)
+        ttft.append(t)
+        tpot.append(p)
+    return ttft, tpot
+
+
+def hf_threads(lm, requests) -> tuple[list, list]:
+    """One thread per request, all calling generate on the shared model at once."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        times = list(pool.map(lambda r: hf_generate_one(lm, *r), requests))
+    results = [_per_request(start, t, new) for t, (_, new) in zip(times, requests)]
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def hf_padded(lm, requests, static: bool = False) -> tuple[list, list]:
+    """One left-padded batch: every row generates until the longest request is done."""
+    longest = max(len(p) for p, _ in requests)
+    most = max(n for _, n in requests)
+    ids = torch.zeros(len(requests), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, _) in enumerate(requests):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    stamps = _Timestamps()
+    kwargs = dict(cache_implementation="static") if static else {}
+    start = time.perf_counter()
+    lm.hf_model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=most,
+                         min_new_tokens=most, do_sample=False, pad_token_id=0, streamer=stamps, **kwargs)
+    results = [_per_request(start, stamps.times, new) for _, new in requests]
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def hf_continuous(lm, requests) -> tuple[list, list]:
+    """transformers' continuous batching manager, one request per prompt with its own length."""
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    manager = lm.hf_model.init_continuous_batching(generation_config=gc)
+    manager.start()
+    try:
+        start = time.perf_counter()
+        ids = [manager.add_request(p, request_id=f"r{i}", max_new_tokens=n) for i, (p, n) in
+               enumerate(requests)]
+        first: dict[str, float] = {}
+        done: dict[str, float] = {}
+        deadline = start + 3600
+        while len(done) < len(ids) and time.perf_counter() < deadline:
+            result = manager.get_result(timeout=1)
+            if result is None:
+                continue
+            now = time.perf_counter()
+            first.setdefault(result.request_id, now)
+            if result.is_finished():
+                done[result.request_id] = now
+                first[result.request_id] = min(first[result.request_id], now)
+    finally:
+        manager.stop(block=True)
+    ttft, tpot = [], []
+    for rid, (_, new) in zip(ids, requests):
+        ttft.append(first[rid] - start)
+        tpot.append((done[rid] - first[rid]) / max(new - 1, 1))
+    return ttft, tpot
+
+
+# ---------------------------------------------------------------------------- kvlab
+
+def kvlab_run(llm, requests) -> tuple[list, list]:
+    from kvlab import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+    outs = llm.generate([p for p, _ in requests], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [n for _, n in requests]
+    return [o.metrics.ttft for o in outs], [o.metrics.tpot or 0.0 for o in outs]
+
+
+def make_kvlab(lm, requests, device: str):
+    from kvlab import LLM
+
+    longest = max(len(p) + n for p, n in requests)
+    return LLM(model=lm, max_num_seqs=min(256, len(requests)), max_num_batched_tokens=4096 if device == "cuda" else 1024,
+               max_model_len=max(1024, 1 << (longest - 1).bit_length()), enable_prefix_caching=False)
+
+
+# ---------------------------------------------------------------------------- running
+
+def measure(name: str, fn, requests, warmup_extra: float = 0.0, warm_subset: int | None = None) -> Run:
+    """Run twice (or warm up on a subset), time the second run."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    t0 = time.perf_counter()
+    fn(requests[:warm_subset] if warm_subset else requests)
+    sync()
+    warm = time.perf_counter() - t0 + warmup_extra
+    t0 = time.perf_counter()
+    ttft, tpot = fn(requests)
+    sync()
+    wall = time.perf_counter() - t0
+    return Run(name, sum(n for _, n in requests), wall, warm, ttft, tpot, len(requests),
+               note=f"warm-up on the first {warm_subset} requests" if warm_subset else "warm-up: a full first run")
+
+
+def run_workload(workload: str, systems: list[str], lm, subset_slow: int | None = None,
+                 num_requests: int | None = None) -> dict:
+    """num_requests: only the first N requests of the workload (smoke tests)."""
+    w = WORKLOADS[workload]
+    requests = make_requests(workload, lm.spec.vocab_size, lm.tokenizer if w["device"] == "cpu" else None)
+    requests = requests[:num_requests] if num_requests else requests
+    runs: dict[str, Run] = {}
+    for system in systems:
+        print(f"[{workload}] {system} ...", flush=True)
+        try:
+            if system == "kvlab":
+                t0 = time.perf_counter()
+                llm = make_kvlab(lm, requests, w["device"])
+                setup = time.perf_counter() - t0
+                run = measure(system, lambda r: kvlab_run(llm, r), requests, warmup_extra=setup)
+                e = llm.engine
+                run.note = (f"set-up {setup:.1f} s (CUDA graphs {e.runner.graph_capture_time:.1f} s for "
+                            f"{len(e.runner.graphs)} batch sizes), KV pool {e.allocator.num_blocks} blocks")
+                runs[system] = run
+                runs[system].__dict__["engine_steps"] = _step_breakdown(e)
+                del llm, e
+                _free_gpu_memory()
+            elif system == "hf_padded":
+                runs[system] = measure(system, lambda r: hf_padded(lm, r), requests, warm_subset=8)
+            elif system == "hf_static_compile":
+                runs[system] = measure(system, lambda r: hf_padded(lm, r, static=True), requests)
+            elif system == "hf_continuous":
+                runs[system] = measure(system, lambda r: hf_continuous(lm, r), requests, warm_subset=8)
+            elif system in ("hf_one_at_a_time", "hf_threads"):
+                fn = hf_one_at_a_time if system == "hf_one_at_a_time" else hf_threads
+                reqs = requests[:subset_slow] if subset_slow else requests
+                run = measure(system, lambda r: fn(lm, r), reqs, warm_subset=2)
+                if subset_slow and subset_slow < len(requests):
+                    run.note += f"; measured on the first {subset_slow} of {len(requests)} requests (time)"
+                runs[system] = run
+            else:
+                raise ValueError(f"unknown system {system!r}")
+        except Exception as e:                      # noqa: BLE001  (one baseline failing must not lose the rest)
+            print(f"[{workload}] {system} failed: {type(e).__name__}: {e}", flush=True)
+            runs[system] = Run(system, 0, float("nan"), float("nan"), [], [], note=f"failed: {type(e).__name__}: {e}")
+            continue
+        r = runs[system]
+        print(f"[{workload}] {system}: {r.tokens_per_s:,.0f} tok/s ({r.tokens} tokens in {r.wall:.2f} s; "
+              f"warm-up {r.warmup:.1f} s)", flush=True)
+    out = {"requests": len(requests), "prompt_tokens": sum(len(p) for p, _ in requests),
+           "generated_tokens": sum(n for _, n in requests), "spec": w,
+           "systems": {k: {**v.summary(), **({"engine_steps": v.__dict__["engine_steps"]}
+                                               if "engine_steps" in v.__dict__ else {})} for k, v in runs.items()}}
+    k = runs.get("kvlab")
+    if k is not None and k.tokens:
+        out["kvlab_speedup"] = {s: k.tokens_per_s / r.tokens_per_s for s, r in runs.items()
+                                if s != "kvlab" and r.tokens and r.wall == r.wall}
+    return out
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _step_breakdown(engine) -> dict:
+    """Where kvlab's measured run spent its time, from the engine's per-step stats."""
+    steps = list(engine.stats)
+    n = len(steps) // 2                               # the second (measured) run's steps
+    steps = steps[n:] if n else steps
+    graph = [s for s in steps if s.cuda_graph]
+    total = lambda f, xs: float(sum(getattr(s, f) or 0.0 for s in xs))
+    return dict(steps=len(steps), cuda_graph_steps=len(graph),
+                schedule_s=total("schedule_time", steps), prepare_s=total("prepare_time", steps),
+                forward_s=total("forward_time", steps), output_s=total("output_time", steps),
+                device_s=total("device_time", steps),
+                median_decode_step_ms=1e3 * statistics.median([s.total_time for s in graph]) if graph else None)
+
+
+# ---------------------------------------------------------------------------- GPU decode step
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
+    from triton.testing import do_bench
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return 2 * x.numel() / (ms / 1e3)
+
+
+def decode_step_analysis(lm, batches=(64, 256), context: int = 500) -> dict:
+    """kvlab's decode step at a fixed batch and context: measured (CUDA graph) against the bound
+    (weights + K/V read over the copy bandwidth); one eager step profiled by kernel kind."""
+    from kvlab import LLM, SamplingParams
+    from kvlab.memory import kv_bytes_per_token
+
+    bw = copy_bandwidth()
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf_model.parameters())
+    kv_tok = kv_bytes_per_token(lm.spec, kv_dtype="bfloat16")
+    out = {"copy_bandwidth_GB_s": bw / 1e9, "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_tok}
+    rng = np.random.default_rng(1)
+    for batch in batches:
+        row = {}
+        for eager in (False, True):
+            llm = LLM(model=lm, max_num_seqs=batch, max_num_batched_tokens=max(4096, batch), max_model_len=1024,
+                      enforce_eager=eager, enable_prefix_caching=False)
+            prompts = [rng.integers(3, 49152, context).tolist() for _ in range(batch)]
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+            steps = [s for s in list(llm.engine.stats)[-20:] if s.num_decode_seqs == batch]
+            key = "eager" if eager else "cuda_graph"
+            row[key] = dict(step_ms=1e3 * statistics.median(s.total_time for s in steps),
+                            forward_ms=1e3 * statistics.median(s.forward_time for s in steps),
+                            device_ms=1e3 * statistics.median(s.device_time for s in steps),
+                            host_ms=1e3 * statistics.median(s.host_time for s in steps))
+            if eager:
+                row["profile"] = _profile_decode_step(llm, batch, context, rng)
+            del llm
+            _free_gpu_memory()
+        ctx = context + 12                                     # mid-way through the 24 measured tokens
+        bound_s = (weight_bytes + batch * ctx * kv_tok) / bw
+        row.update(context=ctx, bound_ms=1e3 * bound_s,
+                   kv_bytes=batch * ctx * kv_tok, tokens_per_s_graph=batch / (row["cuda_graph"]["step_ms"] / 1e3),
+                   bound_over_graph_step=bound_s * 1e3 / row["cuda_graph"]["step_ms"])
+        out[f"batch_{batch}"] = row
+        print(f"[decode] batch {batch}: graph step {row['cuda_graph']['step_ms']:.2f} ms (device "
+              f"{row['cuda_graph']['device_ms']:.2f}), eager {row['eager']['step_ms']:.2f} ms, bound "
+              f"{row['bound_ms']:.2f} ms", flush=True)
+    return out
+
+
+def _profile_decode_step(llm, batch, context, rng) -> dict:
+    """GPU kernel time of a few eager decode steps, by kind: attention kernel, KV store, matmuls, rest."""
+    from kvlab import SamplingParams
+
+    engine = llm.engine
+    for i in range(batch):
+        engine.add_request(f"p{i}", rng.integers(3, 49152, context).tolist(),
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    while any(s.num_computed_tokens == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+    kinds = {"attention (paged kernel)": 0.0, "KV store": 0.0, "matmul": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        name = ev.key.lower()
+        if "paged_attention" in name or "split_k_reduce" in name:
+            kinds["attention (paged kernel)"] += t
+        elif "store_kv" in name:
+            kinds["KV store"] += t
+        elif "gemm" in name or "matmul" in name or "cutlass" in name or "sm90" in name or "nvjet" in name:
+            kinds["matmul"] += t
+        else:
+            kinds["other"] += t
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {k: v / 3 / 1e3 for k, v in kinds.items()}       # ms per step (profiler reports microseconds)
+
+
+# ---------------------------------------------------------------------------- main
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    env = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),
+               torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
+               machine=platform.machine(), processor=platform.processor(), cpu_threads=torch.get_num_threads())
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        import subprocess
+
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           timeout=5).stdout.strip() or None
+    except Exception:                                   # noqa: BLE001
+        env["git_commit"] = None
+    return env
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kvlab bench engine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=None,
+                        help="A and C on a GPU (default there), B on the CPU (default there)")
+    parser.add_argument("--systems", nargs="+", default=None, help="subset of the systems (default: all that apply)")
+    parser.add_argument("--subset-slow", type=int, default=None,
+                        help="run one-at-a-time and threads on only the first N requests (GPU: time)")
+    parser.add_argument("--decode-analysis", action="store_true", help="GPU: decode step vs its bandwidth bound")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    workloads = args.workload or (["A", "C"] if cuda else ["B"])
+    result = {"environment": environment(), "method": __doc__, "workloads": {}}
+    for workload in workloads:
+        device = WORKLOADS[workload]["device"]
+        if device == "cuda" and not cuda:
+            parser.error(f"workload {workload} needs a CUDA GPU")
+        if device == "cuda":
+            lm = smollm2_random("cuda", torch.bfloat16)
+        else:
+            import kvlab
+
+            lm = kvlab.load_model("smollm2-135m", device="cpu", dtype="float32")
+        systems = args.systems or (GPU_SYSTEMS if device == "cuda" else CPU_SYSTEMS)
+        result["workloads"][workload] = run_workload(workload, systems, lm, args.subset_slow)
+        result["workloads"][workload]["model"] = lm.name
+        if args.out:                                  # keep what is done if a later workload fails
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+    if args.decode_analysis and cuda:
+        result["decode_step"] = decode_step_analysis(smollm2_random("cuda", torch.bfloat16))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    for workload, res in result["workloads"].items():
+        print(f"\nworkload {workload}: {res['requests']} requests, {res['generated_tokens']} tokens")
+        for name, s in res["systems"].items():
+            print(f"  {name:<18} {s['tokens_per_s']:>10,.0f} tok/s   TTFT p50 {s['ttft_s']['p50'] or 0:.3f} s   "
+                  f"TPOT p50 {1e3 * (s['tpot_s']['p50'] or 0):.1f} ms   warm-up {s['warmup_s']:.1f} s")
+        for name, x in res.get("kvlab_speedup", {}).items():
+            print(f"  kvlab / {name}: {x:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
