@@ -51,8 +51,6 @@ SANITIZE = get_sanitize_patterns((ROOT / "tests" / "nbval_sanitize.cfg").read_te
 KNOWN_FAILURES: dict[str, str] = {
     "05_paged_allocator.ipynb": "owner: lead engineer. Cell 12 (nbval Cell 6) prints 'max |paged - contiguous| "
                                 "= 1.9e-06' (an error magnitude in e-notation); print it against a tolerance",
-    "06_triton_kernel.ipynb": "owner: the notebooks-04/06 engineer, fixing it now (issue 10): cells 5, 13, 15, 17 "
-                              "and 21 print error magnitudes in e-notation; cell 26 GB/s from the committed JSON",
 }
 
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\.\d)")
