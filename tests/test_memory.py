@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pytest
 import torch
@@ -461,7 +463,38 @@ def test_calculator_custom_model_and_gpu():
     calc.gpu_gib.value = 24.0
     assert calc.plan.gpu_bytes == 24 * GiB
     calc.gpu_gib.value = 0.0
-    assert calc.plan is None and "GPU memory must be positive" in calc.error
+    assert calc.plan is None and "GPU memory must be a positive finite number of GiB, got 0.0" in calc.error
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gpu_gib", float("inf"), "GPU memory must be a positive finite number of GiB, got inf"),   # was OverflowError
+    ("gpu_gib", float("nan"), "GPU memory must be a positive finite number of GiB, got nan"),
+    ("gpu_gib", -24.0, "GPU memory must be a positive finite number of GiB, got -24.0"),
+    ("gpu_gib", 1e-12, "GPU memory must be at least 1 byte"),
+    ("gpu_gib", 1e30, "below 2**63 bytes"),
+    ("c_params_b", float("inf"), "params (billions) must be a positive finite number, got inf"),  # was OverflowError
+    ("c_params_b", float("nan"), "params (billions) must be a positive finite number, got nan"),
+    ("c_params_b", -8.0, "params (billions) must be a positive finite number, got -8.0"),
+    ("c_params_b", 1e20, "params (billions) must be below"),
+    ("c_layers", -3, "custom model: layers must be a positive integer, got -3"),
+])
+def test_calculator_shows_bad_custom_values_in_its_readout(field, value, message):
+    """Issue 12: custom GPU size or parameter count set to inf raised OverflowError out of the
+    callback and the readout kept the previous message. Now the readout says what is wrong, the
+    figure is cleared, and a good value brings the plan back."""
+    from kvlab.ui.memory_calculator import MemoryCalculator
+    calc = MemoryCalculator(plot=False)
+    calc.model.value, calc.gpu.value = "custom", "custom"
+    good = calc.plan
+    assert good is not None and calc.error is None
+    widget = getattr(calc, field)
+    before = widget.value
+    widget.value = value                              # would raise here if the callback raised
+    assert calc.plan is None and message in calc.error
+    assert "kvlab-error" in calc.results.value and "<span class='kvlab-max-concurrency'>n/a</span>" in calc.results.value
+    assert html.escape(message) in calc.results.value
+    widget.value = before
+    assert calc.plan == good and calc.error is None and "kvlab-error" not in calc.results.value
 
 
 def test_comparison_rows():

@@ -139,7 +139,10 @@ def model_kind(name) -> str:
         return "default"
     if name in TINY_CONFIGS:
         return "tiny"
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:                            # "~user" for a user that does not exist
+        path = Path(name)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"{name!r} is a directory without config.json, so not a model directory "

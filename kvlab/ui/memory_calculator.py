@@ -16,6 +16,7 @@ These are the handles the browser test (tests/test_browser.py) uses.
 from __future__ import annotations
 
 import html
+import math
 
 import ipywidgets as W
 import matplotlib
@@ -173,8 +174,10 @@ class MemoryCalculator:
         if attention == "mla" and not (self.c_latent.value > 0 and self.c_rope.value > 0):
             raise ValueError("MLA needs a positive latent rank and RoPE key dim")
         params = self.c_params_b.value
-        if not params > 0:
-            raise ValueError(f"params (billions) must be positive, got {params}")
+        if not (math.isfinite(params) and params > 0):
+            raise ValueError(f"params (billions) must be a positive finite number, got {params}")
+        if params * 1e9 >= 2**63:
+            raise ValueError(f"params (billions) must be below 9.2e9 billion (2**63 parameters), got {params:g}")
         return ModelSpec(
             name="custom", num_layers=self.c_layers.value, hidden_size=self.c_heads.value * self.c_head_dim.value,
             num_heads=self.c_heads.value, num_kv_heads=kv_heads, head_dim=self.c_head_dim.value,
@@ -185,9 +188,12 @@ class MemoryCalculator:
 
     def plan_kwargs(self) -> dict:
         if self.gpu.value == CUSTOM:
-            if not self.gpu_gib.value > 0:
-                raise ValueError(f"GPU memory must be positive, got {self.gpu_gib.value} GiB")
-            gpu = int(self.gpu_gib.value * memory.GiB)
+            gib = self.gpu_gib.value
+            if not (math.isfinite(gib) and gib > 0):
+                raise ValueError(f"GPU memory must be a positive finite number of GiB, got {gib}")
+            gpu = int(gib * memory.GiB)
+            if not 1 <= gpu < 2**63:
+                raise ValueError(f"GPU memory must be at least 1 byte and below 2**63 bytes (8 EiB), got {gib:g} GiB")
         else:
             gpu = self.gpu.value
         return dict(gpu=gpu, weight_dtype=self.weight_dtype.value, kv_dtype=self.kv_dtype.value,
@@ -208,19 +214,27 @@ class MemoryCalculator:
             spec = self.spec()
             kwargs = self.plan_kwargs()
             plan = memory.memory_plan(spec, context_len=self.context.value, **kwargs)
-        except ValueError as err:   # invalid combination: say so in the widget, never a traceback
-            self.plan, self.error = None, str(err)
-            self.results.value = self._render_error(str(err))
-            self.plot_out.clear_output()
+            if self._plot:   # draw first, so the numbers and the figure on screen always agree
+                with self.plot_out:
+                    self.plot_out.clear_output(wait=True)
+                    fig = plot_plan(plan, spec, self.requests.value, kwargs)
+                    display(fig)
+                    plt.close(fig)
+            rendered = self._render(plan, spec)
+        except (ValueError, TypeError) as err:   # invalid input: say so in the widget, never a traceback
+            self._show_error(str(err))
+            return
+        except Exception as err:                  # a bug: still shown here, never raised out of a callback
+            self._show_error(f"internal error ({type(err).__name__}: {err}); please report it")
             return
         self.plan, self.error = plan, None
-        if self._plot:   # draw first, so the numbers and the figure on screen always agree
-            with self.plot_out:
-                self.plot_out.clear_output(wait=True)
-                fig = plot_plan(plan, spec, self.requests.value, kwargs)
-                display(fig)
-                plt.close(fig)
-        self.results.value = self._render(plan, spec)
+        self.results.value = rendered
+
+    def _show_error(self, message: str) -> None:
+        """No plan: the readout says why, the figure is cleared, nothing stale stays on screen."""
+        self.plan, self.error = None, message
+        self.results.value = self._render_error(message)
+        self.plot_out.clear_output()
 
     # ---- rendering -------------------------------------------------------------------------------
     def _render(self, plan: memory.MemoryPlan, spec: ModelSpec) -> str:

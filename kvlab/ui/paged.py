@@ -11,6 +11,7 @@ Operations are tuples: ("allocate", seq, n_tokens or token ids), ("append", seq,
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -175,20 +176,46 @@ def draw_steps(ops: Sequence[tuple], steps: Sequence[int], num_blocks: int, bloc
     return fig
 
 
+OP_ARITY = {"allocate": 3, "append": 3, "fork": 3, "free": 2}   # tuple length of each operation
+
+
+def check_ops(ops) -> list[tuple]:
+    """ops as a list of tuples, each a known operation of the right length (TypeError/ValueError)."""
+    if isinstance(ops, (str, bytes)) or not isinstance(ops, Sequence):
+        raise TypeError(f"ops must be a list of operations such as ('allocate', 'A', 6), got {type(ops).__name__}")
+    out = []
+    for i, op in enumerate(ops):
+        if not isinstance(op, (tuple, list)) or not op:
+            raise TypeError(f"ops[{i}] must be a tuple such as ('allocate', 'A', 6), got {op!r}")
+        if op[0] not in OP_ARITY:
+            raise ValueError(f"ops[{i}] = {op!r}: unknown operation {op[0]!r}; use allocate, append, fork or free")
+        if len(op) != OP_ARITY[op[0]]:
+            raise ValueError(f"ops[{i}] = {op!r}: {op[0]!r} takes {OP_ARITY[op[0]] - 1} arguments "
+                             f"(allocate: seq, n_tokens or token ids; append: seq, n; fork: parent, child; free: seq)")
+        out.append(tuple(op))
+    return out
+
+
 class AllocatorStepper:
     """Step through a list of operations; the pool is redrawn after each one.
 
     Buttons: back, next, reset; a slider picks any step. The allocator is rebuilt by
-    replaying the first k operations, so going back is exact."""
+    replaying the first k operations, so going back is exact. An operation that fails
+    (freeing a sequence that does not exist, running out of blocks) moves nothing: the
+    slider goes back to the last step that worked, the pool drawn is that step's, and
+    the message says what failed (`error`; `shown_step` is the step on screen)."""
 
     def __init__(self, ops: Sequence[tuple], num_blocks: int = 24, block_size: int = 4, cols: int = 8,
                  enable_prefix_caching: bool = False, free_order: Sequence[int] | None = None):
         import ipywidgets as W
         from IPython.display import display
 
-        self.ops, self.num_blocks, self.block_size, self.cols = list(ops), num_blocks, block_size, cols
+        self.ops, self.num_blocks, self.block_size, self.cols = check_ops(ops), num_blocks, block_size, cols
         self.enable_prefix_caching, self.free_order = enable_prefix_caching, free_order
+        BlockAllocator(num_blocks, block_size, enable_prefix_caching, free_order=free_order)   # checks the pool
         self.colors = seq_colors(all_seq_ids(self.ops))
+        self.error: str | None = None
+        self.shown_step: int | None = None
         self.slider = W.IntSlider(value=0, min=0, max=len(self.ops), description="step")
         self.back, self.next = W.Button(description="back"), W.Button(description="next")
         self.reset = W.Button(description="reset")
@@ -197,28 +224,69 @@ class AllocatorStepper:
         self.back.on_click(lambda _: self._go(self.slider.value - 1))
         self.next.on_click(lambda _: self._go(self.slider.value + 1))
         self.reset.on_click(lambda _: self._go(0))
-        self.slider.observe(lambda ch: self.redraw(), names="value")
+        self.slider.observe(self._on_slider, names="value")
         self.widget = W.VBox([W.HBox([self.back, self.next, self.reset, self.slider]), self.log, self.out])
         self._display = display
         self.redraw()
 
     def _go(self, k: int) -> None:
-        self.slider.value = max(0, min(len(self.ops), k))
+        k = max(0, min(len(self.ops), k))
+        if k == self.slider.value:     # no change event: redraw anyway (a failed step is tried again)
+            self.redraw()
+        else:
+            self.slider.value = k
+
+    def _on_slider(self, change) -> None:
+        self.redraw()
 
     def state(self, k: int | None = None) -> tuple[BlockAllocator, list[str]]:
+        """The allocator after the first k operations (raises where one of them fails)."""
         k = self.slider.value if k is None else k
         return replay_ops(self.ops[:k], self.num_blocks, self.block_size, self.enable_prefix_caching,
                           self.free_order)
 
+    def _replay(self, k: int) -> tuple[BlockAllocator, list[str], str | None]:
+        """The allocator after the first k operations, or after those before the first that
+        fails (rebuilt without it, so that nothing half-done shows), and what failed."""
+        alloc = BlockAllocator(self.num_blocks, self.block_size, self.enable_prefix_caching,
+                               free_order=self.free_order)
+        lines: list[str] = []
+        for i, op in enumerate(self.ops[:k]):
+            try:
+                lines.append(apply_op(alloc, op))
+            except Exception as err:    # noqa: BLE001  (the learner's operation failed: say so, draw step i)
+                alloc, lines = self.state(i)
+                return alloc, lines, f"step {i + 1}, {op!r}, failed: {type(err).__name__}: {err}"
+        return alloc, lines, None
+
     def redraw(self) -> None:
-        alloc, lines = self.state()
-        nxt = f"<br>next: <code>{self.ops[self.slider.value]}</code>" if self.slider.value < len(self.ops) else ""
-        self.log.value = f"<b>{lines[-1] if lines else 'empty pool'}</b>{nxt}"
-        with self.out:
-            self.out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(9, 0.55 * (-(-self.num_blocks // self.cols)) + 1.0))
-            draw_pool(alloc, ax, cols=self.cols, colors=self.colors)
-            plt.show()
+        """Draw the pool at the slider's step (or the last step before it that worked). Never raises:
+        it is called from widget callbacks."""
+        try:
+            alloc, lines, self.error = self._replay(self.slider.value)
+            if len(lines) != self.slider.value:         # a failed step: the slider follows the drawing
+                self.slider.unobserve(self._on_slider, names="value")
+                self.slider.value = len(lines)
+                self.slider.observe(self._on_slider, names="value")
+            step = self.slider.value
+            nxt = f"<br>next: <code>{html.escape(repr(self.ops[step]))}</code>" if step < len(self.ops) else ""
+            text = f"<b>{html.escape(lines[-1]) if lines else 'empty pool'}</b>{nxt}"
+            if self.error:
+                text += (f"<div class='kvlab-message kvlab-error' style='color:#b00020'>⚠ {html.escape(self.error)}"
+                         f"; the pool stays at step {step}</div>")
+            self.log.value = text
+            with self.out:
+                self.out.clear_output(wait=True)
+                fig, ax = plt.subplots(figsize=(9, 0.55 * (-(-self.num_blocks // self.cols)) + 1.0))
+                draw_pool(alloc, ax, cols=self.cols, colors=self.colors)
+                plt.show()
+            self.shown_step = step
+        except Exception as err:        # noqa: BLE001  (a bug: shown, never raised out of a callback)
+            self.error = f"internal error ({type(err).__name__}: {err})"
+            self.shown_step = None
+            self.log.value = (f"<div class='kvlab-message kvlab-error' style='color:#b00020'>⚠ "
+                              f"{html.escape(self.error)}</div>")
+            self.out.clear_output()
 
     def _ipython_display_(self):
         self._display(self.widget)
