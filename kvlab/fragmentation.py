@@ -68,6 +68,7 @@ from itertools import accumulate
 
 import numpy as np
 
+from kvlab import checks
 from kvlab.memory import GiB, kv_bytes_per_token, weight_bytes
 from kvlab.model.flops import H100_SXM, GpuPeak
 from kvlab.model.spec import ModelSpec
@@ -84,18 +85,9 @@ MAX_ARRIVAL_STEP = 2**53    # steps are counted in int64; float64 arrival times 
 MIN_REQUEST_LEN = 2         # the shortest request: one prompt token and one output token
 
 
-def _as_int(name: str, value, minimum: int = 1) -> int:
-    """value as a Python int (numpy integers too; bool refused), at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _as_choice(name: str, value, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {', '.join(allowed)} (a str), got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be one of {', '.join(allowed)} (a str), got {checks.shown(value)}")
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
     return str(value)
@@ -112,15 +104,15 @@ class AllocationConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "policy", _as_choice("policy", self.policy, POLICIES))  # np.str_ -> str
-        for name, minimum in (("capacity_tokens", 1), ("max_seq_len", MIN_REQUEST_LEN), ("block_size", 1)):
-            object.__setattr__(self, name, _as_int(name, getattr(self, name), minimum))  # numpy ints -> int
+        for name, minimum, allowed in (("capacity_tokens", 1, "a positive integer below 2**63"),
+                                       ("max_seq_len", MIN_REQUEST_LEN, "an integer >= 2 (one prompt and one output "
+                                                                        "token) below 2**63"),
+                                       ("block_size", 1, "a positive integer below 2**63")):
+            value = checks.integer(name, getattr(self, name), minimum, checks.INT64_MAX, allowed)
+            object.__setattr__(self, name, value)                # numpy integers become int
         object.__setattr__(self, "fit", _as_choice("fit", self.fit, FITS))
-        w = self.watermark
-        if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
-            raise TypeError(f"watermark must be a fraction in [0, 1), got {type(w).__name__} {w!r}")
-        if not 0 <= w < 1:
-            raise ValueError(f"watermark must be a fraction in [0, 1), got {w!r}")
-        object.__setattr__(self, "watermark", float(w))
+        object.__setattr__(self, "watermark", checks.in_range("watermark", self.watermark, 0, 1,
+                                                              "a fraction in [0, 1)", high_open=True))
         if self.longest_runnable < MIN_REQUEST_LEN:
             raise ValueError(f"nothing can ever run under {self.policy} with capacity_tokens={self.capacity_tokens}, "
                              f"max_seq_len={self.max_seq_len}, block_size={self.block_size}: {self._why_nothing_runs()}")
@@ -741,12 +733,9 @@ PAPER_TOKEN_STATES = {"max-reserve": 0.204, "oracle": 0.382, "paged": 0.963}
 
 def opt13b_capacity_tokens(kv_gib: float = 12.0) -> int:
     """KV slots in `kv_gib` GiB for OPT-13B in fp16 (the paper's setting: ~12 GB of KV on an A100-40GB)."""
-    if isinstance(kv_gib, bool) or not isinstance(kv_gib, (int, float, np.integer, np.floating)):
-        raise TypeError(f"kv_gib must be a number of GiB, got {type(kv_gib).__name__} {kv_gib!r}")
     per_token = kv_bytes_per_token(ModelSpec.preset("opt-13b"))
-    if not (math.isfinite(kv_gib) and kv_gib * GiB >= per_token):
-        raise ValueError(f"kv_gib must be a finite number of GiB that holds at least one OPT-13B token "
-                         f"({per_token / GiB:.6f} GiB), got {kv_gib!r}")
+    allowed = f"a finite number of GiB that holds at least one OPT-13B token ({per_token / GiB:.6f} GiB)"
+    kv_gib = checks.in_range("kv_gib", kv_gib, per_token / GiB, math.inf, allowed, high_open=True)
     return int(kv_gib * GiB // per_token)
 
 
@@ -845,8 +834,8 @@ def serving_cost(spec: ModelSpec, *, steps: int, kv_tokens_read: int, prefill_to
     if not isinstance(gpu, GpuPeak):
         raise TypeError(f"gpu must be a kvlab.model.flops.GpuPeak (e.g. H100_SXM), got {type(gpu).__name__}")
     steps, kv_tokens_read, prefill_tokens, requests = (
-        _as_int(name, v, 0) for name, v in (("steps", steps), ("kv_tokens_read", kv_tokens_read),
-                                            ("prefill_tokens", prefill_tokens), ("requests", requests)))
+        checks.integer(name, v, minimum=0) for name, v in (("steps", steps), ("kv_tokens_read", kv_tokens_read),
+                                                           ("prefill_tokens", prefill_tokens), ("requests", requests)))
     bandwidth, flops = gpu.memory_tb_per_s * 1e12, gpu.bf16_tflops * 1e12
     return ServingCost(weight_seconds=steps * weight_bytes(spec, dtype) / bandwidth,
                        kv_seconds=kv_tokens_read * kv_bytes_per_token(spec, dtype) / bandwidth,

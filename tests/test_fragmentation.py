@@ -219,25 +219,26 @@ def test_policy_order_on_sharegpt_like_trace():
 # ---- bad input ----------------------------------------------------------------------------------
 
 BAD_SETTINGS = [   # (keyword arguments, exception, what the message must say: the argument and what is allowed)
-    (dict(capacity_tokens=0), ValueError, "capacity_tokens must be an integer >= 1, got 0"),
-    (dict(capacity_tokens=-100), ValueError, "capacity_tokens must be an integer >= 1, got -100"),
-    (dict(capacity_tokens=10.5), TypeError, "capacity_tokens must be an integer >= 1, got float 10.5"),
-    (dict(capacity_tokens=None), TypeError, "capacity_tokens must be an integer >= 1, got NoneType"),
-    (dict(capacity_tokens="100"), TypeError, "capacity_tokens must be an integer >= 1, got str"),
-    (dict(capacity_tokens=True), TypeError, "capacity_tokens must be an integer >= 1, got bool"),
-    (dict(block_size=0), ValueError, "block_size must be an integer >= 1, got 0"),
-    (dict(block_size=-16), ValueError, "block_size must be an integer >= 1"),
-    (dict(block_size=np.bool_(True)), TypeError, "block_size must be an integer >= 1, got bool"),
-    (dict(max_seq_len=1), ValueError, "max_seq_len must be an integer >= 2, got 1"),
-    (dict(max_seq_len={}), TypeError, "max_seq_len must be an integer >= 2, got dict"),
+    (dict(capacity_tokens=0), ValueError, "capacity_tokens must be a positive integer below 2**63, got 0"),
+    (dict(capacity_tokens=-100), ValueError, "capacity_tokens must be a positive integer below 2**63, got -100"),
+    (dict(capacity_tokens=10.5), TypeError, "capacity_tokens must be a positive integer below 2**63, got float 10.5"),
+    (dict(capacity_tokens=None), TypeError, "capacity_tokens must be a positive integer below 2**63, got None"),
+    (dict(capacity_tokens="100"), TypeError, "capacity_tokens must be a positive integer below 2**63, got str '100'"),
+    (dict(capacity_tokens=2**63), ValueError, "capacity_tokens must be a positive integer below 2**63, got 9223372036854775808"),
+    (dict(capacity_tokens=True), TypeError, "capacity_tokens must be a positive integer below 2**63, got the bool True"),
+    (dict(block_size=0), ValueError, "block_size must be a positive integer below 2**63, got 0"),
+    (dict(block_size=-16), ValueError, "block_size must be a positive integer below 2**63, got -16"),
+    (dict(block_size=np.bool_(True)), TypeError, "block_size must be a positive integer below 2**63, got the bool True"),
+    (dict(max_seq_len=1), ValueError, "max_seq_len must be an integer >= 2 (one prompt and one output token) below 2**63, got 1"),
+    (dict(max_seq_len={}), TypeError, "max_seq_len must be an integer >= 2 (one prompt and one output token) below 2**63, got dict {}"),
     (dict(policy="buddy"), ValueError, "unknown policy 'buddy'; allowed: max-reserve, pow2, oracle, paged"),
-    (dict(policy=None), TypeError, "policy must be one of max-reserve, pow2, oracle, paged (a str), got NoneType"),
+    (dict(policy=None), TypeError, "policy must be one of max-reserve, pow2, oracle, paged (a str), got None"),
     (dict(fit="worst"), ValueError, "unknown fit 'worst'; allowed: first, best"),
-    (dict(fit=1), TypeError, "fit must be one of first, best (a str), got int"),
+    (dict(fit=1), TypeError, "fit must be one of first, best (a str), got int 1"),
     (dict(watermark=1.0), ValueError, "watermark must be a fraction in [0, 1), got 1.0"),
     (dict(watermark=float("nan")), ValueError, "watermark must be a fraction in [0, 1), got nan"),
-    (dict(watermark=True), TypeError, "watermark must be a fraction in [0, 1), got bool"),
-    (dict(watermark="0.01"), TypeError, "watermark must be a fraction in [0, 1), got str"),
+    (dict(watermark=True), TypeError, "watermark must be a fraction in [0, 1), got the bool True"),
+    (dict(watermark="0.01"), TypeError, "watermark must be a fraction in [0, 1), got str '0.01'"),
     # settings under which nothing can ever run: every fraction would be 0/0
     (dict(capacity_tokens=10, block_size=16), ValueError, "0 whole block(s) of 16 slots fit in the capacity"),
     (dict(capacity_tokens=10, block_size=16), ValueError, "need capacity_tokens >= 16"),
@@ -378,8 +379,8 @@ def test_result_cost_charges_busy_steps_held_tokens_and_recompute():
     (dict(gpu="H100"), TypeError, "gpu must be a kvlab.model.flops.GpuPeak"),
     (dict(steps=-1), ValueError, "steps must be an integer >= 0, got -1"),
     (dict(steps=1.5), TypeError, "steps must be an integer >= 0, got float"),
-    (dict(prefill_tokens=None), TypeError, "prefill_tokens must be an integer >= 0, got NoneType"),
-    (dict(kv_tokens_read=True), TypeError, "kv_tokens_read must be an integer >= 0, got bool"),
+    (dict(prefill_tokens=None), TypeError, "prefill_tokens must be an integer >= 0, got None"),
+    (dict(kv_tokens_read=True), TypeError, "kv_tokens_read must be an integer >= 0, got the bool True"),
     (dict(dtype="float12"), ValueError, "unknown dtype 'float12'; allowed:"),
 ])
 def test_serving_cost_bad_input(kwargs, error, message):
@@ -390,8 +391,8 @@ def test_serving_cost_bad_input(kwargs, error, message):
 
 
 @pytest.mark.parametrize("kv_gib, error, message", [
-    (None, TypeError, "kv_gib must be a number of GiB, got NoneType"),
-    (True, TypeError, "kv_gib must be a number of GiB, got bool"),
+    (None, TypeError, "kv_gib must be a finite number of GiB that holds at least one OPT-13B token (0.000763 GiB), got None"),
+    (True, TypeError, "kv_gib must be a finite number of GiB that holds at least one OPT-13B token (0.000763 GiB), got the bool True"),
     (float("inf"), ValueError, "kv_gib must be a finite number of GiB"),
     (float("nan"), ValueError, "kv_gib must be a finite number of GiB"),
     (-1, ValueError, "holds at least one OPT-13B token"),
@@ -446,7 +447,7 @@ def test_explorer_shows_what_cannot_run_and_stays_in_step():
 def test_explorer_constructor_bad_input(kwargs, error):
     from kvlab.ui.fragmentation import FragmentationExplorer
     name = next(iter(kwargs))
-    with pytest.raises(error, match=f"{name} must be an integer >= "):
+    with pytest.raises(error, match=f"{name} must be a"):
         FragmentationExplorer(**kwargs)
 
 

@@ -19,7 +19,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from kvlab import workloads
+from kvlab import checks, workloads
 from kvlab.fragmentation import (CATEGORIES, PAPER_NAMES, PAPER_TOKEN_STATES, POLICIES, USED_OR_LOST,
                                  AllocationResult, opt13b_capacity_tokens, simulate_allocation)
 
@@ -181,12 +181,8 @@ class FragmentationExplorer(W.VBox):
 
     def __init__(self, n: int = 5000, seed: int = 0, kv_gib: float = 12.0, block_size: int = 16,
                  max_seq_len: int = 2048, rate: float | None = 0.1, workload: str = "sharegpt-like"):
-        for name, value, minimum in (("n", n, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
-            if value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        self.n, self.seed = int(n), int(seed)
+        self.n = checks.integer("n", n, minimum=1, allowed="a positive integer (requests per run)")
+        self.seed = checks.integer("seed", seed, minimum=0)
         style = {"description_width": "130px"}
         layout = W.Layout(width="420px")
         self.block_size = W.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=block_size,
