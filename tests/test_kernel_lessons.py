@@ -1,7 +1,6 @@
 """Notebook 06's teaching kernels: the Triton primer's toy kernels against torch, and the tiled
 FlashAttention reference against plain attention (torch's SDPA and the T x T way)."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
