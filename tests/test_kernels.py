@@ -209,7 +209,7 @@ def _bad_types():
     yield "q must be a torch.Tensor, got list", (q.tolist(), kc, vc, bt, sl), {}
     yield "seq_lens must be a torch.Tensor, got NoneType", (q, kc, vc, bt, None), {}
     yield "scale must be a positive finite number or None, got str", (q, kc, vc, bt, sl), {"scale": "0.1"}
-    yield "scale must be .* got bool", (q, kc, vc, bt, sl), {"scale": True}
+    yield "scale must be .* got the bool True", (q, kc, vc, bt, sl), {"scale": True}
     yield "num_splits must be a positive integer or None, got float", (q, kc, vc, bt, sl), {"num_splits": 2.0}
     yield "config must be a KernelConfig", (q, kc, vc, bt, sl), {"config": {"block_n": 64}}
 

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
-import operator
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from kvlab import checks
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -146,11 +146,8 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=Non
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a positive finite number or None, got {type(scale).__name__} {scale!r}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    return float(scale)
+    return checks.in_range("scale", scale, 0, math.inf, "a positive finite number or None", low_open=True,
+                           high_open=True)
 
 
 def check_block_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int,
@@ -349,19 +346,6 @@ def _split_k_reduce_kernel(
 
 # ----------------------------------------------------------------------------- launcher
 
-def _positive_int(name: str, value, allowed: str = "a positive integer") -> int:
-    """value as an int (numpy integers too); TypeError for non-integers and bool, ValueError below 1."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be {allowed}, got the bool {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch parameters of the decode kernel (defaults measured on an H100: KERNEL_NOTES.md)."""
@@ -374,12 +358,11 @@ class KernelConfig:
     min_split_tokens: int = 256  # never split a sequence into ranges shorter than this
 
     def __post_init__(self):
-        for name in ("block_n", "num_warps", "num_stages", "min_split_tokens"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+        for name in ("block_n", "num_warps", "num_stages", "min_split_tokens"):     # frozen: set once, here
+            object.__setattr__(self, name, checks.positive_int(name, getattr(self, name)))
         for name in ("split_below", "target_per_sm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise TypeError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, checks.in_range(name, getattr(self, name), 0, math.inf,
+                                                           "a positive finite number", low_open=True, high_open=True))
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16 (tl.dot's minimum), got {self.block_n}")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -411,6 +394,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, sms: in
     programs per SM, then into as many ranges as bring it to `target_per_sm` programs per SM,
     but no range shorter than `min_split_tokens` (each split costs a partial write and a merge),
     rounded down to a power of two."""
+    num_seqs, max_tokens = checks.integer("num_seqs", num_seqs, 0), checks.integer("max_tokens", max_tokens, 0)
+    num_kv_heads, sms = checks.positive_int("num_kv_heads", num_kv_heads), checks.positive_int("sms", sms)
     programs = num_seqs * num_kv_heads
     if programs >= config.split_below * sms:
         return 1
@@ -534,7 +519,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"{q.device}, contiguous in its last dimension; got {tuple(out.shape)}, {out.dtype}, "
                          f"{out.device}, strides {out.stride()}")
     if num_splits is not None:
-        num_splits = _positive_int("num_splits", num_splits, "a positive integer or None")
+        num_splits = checks.positive_int("num_splits", num_splits, "a positive integer or None")
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
     check_block_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])   # the one sync

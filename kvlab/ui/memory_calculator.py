@@ -354,8 +354,12 @@ class ComparisonView:
             if not self.models.value:
                 print("select at least one model")
                 return
-            fig = plot_comparison(self.models.value, gpu=self.gpu.value, context_len=self.context.value,
-                                  kv_dtype=self.kv_dtype.value)
+            try:
+                fig = plot_comparison(self.models.value, gpu=self.gpu.value, context_len=self.context.value,
+                                      kv_dtype=self.kv_dtype.value)
+            except Exception as err:    # shown in the widget, never raised out of a callback
+                print(f"⚠ {type(err).__name__}: {err}")
+                return
             display(fig)
             plt.close(fig)
 
