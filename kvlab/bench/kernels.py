@@ -13,7 +13,8 @@ against the ceiling of a large device-to-device copy (bytes read + written). In 
 process, on the same inputs, it times (median of `triton.testing.do_bench`, which
 flushes the L2 cache before each call):
 
-    triton           kvlab.kernels.paged_attention on the paged cache (scattered block table)
+    triton           the kernel (kvlab.kernels.paged_attention_launch, no checks) on the paged
+                     cache (scattered block table)
     gather_sdpa      the torch way on a paged cache: gather K/V through the block table
                      into a contiguous copy, then scaled_dot_product_attention
     sdpa_contiguous  scaled_dot_product_attention on the same K/V laid out contiguously
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvlab.kernels import paged_attention_reference, store_kv, store_kv_reference
+from kvlab.kernels import paged_attention_reference, store_kv, store_kv_launch, store_kv_reference
 from kvlab.kernels.paged_attention import KernelConfig
 
 # the module (kvlab.kernels.paged_attention as an attribute is the function of that name)
@@ -319,8 +320,12 @@ def time_shape(shape: DecodeShape, variants: list[tuple[str, KernelConfig, int |
         row["num_splits_used"] = splits if splits is not None else pa.choose_num_splits(
             shape.batch, shape.num_kv_heads, x["block_tables"].shape[1] * shape.block_size,
             pa.num_sms(x["q"].device), config)
-        fns = [lambda x=x: pa.paged_attention(x["q"], x["k_cache"], x["v_cache"], x["block_tables"],
-                                              x["seq_lens"], num_splits=splits, config=config) for x in sets]
+        # timed: the kernel as the engine launches it (no checks: their device-to-host copy could
+        # not be captured in a CUDA graph; --check-cost measures them)
+        scale = shape.head_dim ** -0.5
+        fns = [lambda x=x: pa.paged_attention_launch(x["q"], x["k_cache"], x["v_cache"], x["block_tables"],
+                                                     x["seq_lens"], scale, torch.empty_like(x["q"]), splits, config)
+               for x in sets]
         row.update(_measure(fns, gb))
         res["kernel"].append(row)
     del sets
@@ -355,14 +360,19 @@ def host_overhead(shape=DecodeShape(8, 2048), n=300) -> dict:
 
     x = make_inputs(shape)
     args = (x["q"], x["k_cache"], x["v_cache"], x["block_tables"], x["seq_lens"])
+    scale = shape.head_dim ** -0.5
     res = dict(shape=asdict(shape))
+
+    def launch(splits=None):   # what the engine issues: allocate out, launch (the checks: "check" below)
+        return pa.paged_attention_launch(*args, scale, torch.empty_like(x["q"]), splits)
+
     for _ in range(3):                                   # compile first
-        pa.paged_attention(*args)
-        pa.paged_attention(*args, num_splits=1)
+        launch()
+        launch(1)
     torch.cuda.synchronize()
-    res["full_call"] = _cpu_us(lambda: pa.paged_attention(*args), n)
-    res["full_call_no_split"] = _cpu_us(lambda: pa.paged_attention(*args, num_splits=1), n)
-    res["check"] = _cpu_us(lambda: run_checks(x), n)
+    res["full_call"] = _cpu_us(launch, n)
+    res["full_call_no_split"] = _cpu_us(lambda: launch(1), n)
+    res["check"] = _cpu_us(lambda: run_checks(x), n)     # includes a device-to-host copy (waits for the GPU)
     res["choose_num_splits"] = _cpu_us(lambda: pa.choose_num_splits(8, 8, 2048, pa.num_sms(x["q"].device)), n)
     res["empty_like"] = _cpu_us(lambda: torch.empty_like(x["q"]), n)
     k, v = gather_kv(x["k_cache"], x["v_cache"], x["block_tables"], shape.context)
@@ -372,7 +382,7 @@ def host_overhead(shape=DecodeShape(8, 2048), n=300) -> dict:
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n):
-        pa.paged_attention(*args)
+        launch()
     prof.disable()
     torch.cuda.synchronize()
     buf = io.StringIO()
@@ -427,7 +437,7 @@ def time_store_kv(num_tokens=256, shape=DecodeShape(64, 4096)) -> dict:
     key = torch.randn(num_tokens, shape.num_kv_heads, shape.head_dim, device="cuda", dtype=dt)
     value = torch.randn_like(key)
     slots = torch.randperm(inp["k_cache"].shape[0] * shape.block_size, device="cuda")[:num_tokens]
-    ms = _bench(lambda: store_kv(key, value, inp["k_cache"], inp["v_cache"], slots))
+    ms = _bench(lambda: store_kv_launch(key, value, inp["k_cache"], inp["v_cache"], slots))   # the kernel, unchecked
     nbytes = 2 * 2 * key.numel() * key.element_size()
     return dict(num_tokens=num_tokens, ms=ms, gbps=nbytes / ms / 1e6)
 
