@@ -158,7 +158,9 @@ def store_kv_launch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tenso
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write key[i], value[i] into the caches at slot_mapping[i] (skip where -1), in place:
-    every argument checked (the slots with one device-to-host copy), then `store_kv_launch`."""
+    every argument checked (the slots with one device-to-host copy, a sync on a GPU), then
+    `store_kv_launch`. The checks cost ~21 µs per call on the CPU (2-core machine, 4 tokens into
+    64 blocks of 16), beside ~9 ms for the interpreted kernel."""
     check_store_kv(key, value, k_cache, v_cache, slot_mapping)
     check_launchable(dict(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping))
     check_slots(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
