@@ -30,8 +30,11 @@ def test_logits_equal_hf_on_gpu(dtype, tol):
 
 
 def hf_greedy(hf, prompt, n):
+    """HF generate, greedy. The attention mask is explicit: inferred from pad_token_id, it would mask
+    out every prompt token that happens to equal the pad id."""
     ids = torch.tensor([prompt], device="cuda")
-    return hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                       pad_token_id=0)[0, len(prompt):].tolist()
 
 
 def test_contiguous_cache_decoding_equals_hf_generate_on_gpu():

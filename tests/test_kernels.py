@@ -447,30 +447,31 @@ def smollm2_or_skip(request):
         pytest.skip(f"the default model is not available here: {err}")
 
 
-def test_smollm2_decoding_through_the_kernel_equals_hf_generate(smollm2_or_skip):
+def test_smollm2_decoding_through_the_kernel_equals_hf_generate(smollm2_or_skip, monkeypatch):
     """SmolLM2-135M (9 query heads, 3 KV heads: GQA 3, head_dim 64), two prompts of different
-    lengths decoded together from a scattered paged cache, every decode step's attention done
-    by the Triton kernel (the interpreter on a CPU): the same greedy tokens as HF generate."""
+    lengths decoded together by kvlab's engine from a scattered paged cache, every decode row's
+    attention done by the Triton kernel (the interpreter on a CPU): the same greedy tokens as HF
+    generate, and the kernel ran for every decode step of every layer."""
     import kvlab
+    import kvlab.engine.attention as engine_attention
 
     smollm2 = smollm2_or_skip
-    from kvlab.paged import greedy_generate_paged
-
     calls = []
+    launch = engine_attention.paged_attention_launch
 
-    def counting_kernel(*args, **kwargs):
-        calls.append(args[0].shape)
-        return paged_attention(*args, **kwargs)
+    def counting_launch(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return launch(q, *args, **kwargs)
 
-    model = kvlab.Transformer.from_hf(smollm2.hf_model)
+    monkeypatch.setattr(engine_attention, "paged_attention_launch", counting_launch)
     prompts = [smollm2.encode("The factory production line optimization requires"),
                smollm2.encode("def fibonacci(n):")]
     new_tokens = 8
-    ours = greedy_generate_paged(model, prompts, new_tokens, block_size=16, seed=0,
-                                 decode_attention=counting_kernel)
-    for ids, got in zip(prompts, ours):
+    llm = kvlab.LLM(model=smollm2, attention_backend="triton", block_order_seed=0)
+    outs = llm.generate(prompts, kvlab.SamplingParams(temperature=0, max_tokens=new_tokens), use_tqdm=False)
+    for ids, out in zip(prompts, outs):
         x = torch.tensor([ids])
         hf = smollm2.hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                                        do_sample=False, pad_token_id=smollm2.tokenizer.eos_token_id)
-        assert got == hf[0, len(ids):].tolist()
-    assert len(calls) == (new_tokens - 1) * smollm2.spec.num_layers      # every decode step, every layer
+        assert out.outputs[0].token_ids == hf[0, len(ids):].tolist()
+    assert calls == [2] * ((new_tokens - 1) * smollm2.spec.num_layers)      # every decode step, every layer

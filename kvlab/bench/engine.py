@@ -260,8 +260,9 @@ def make_kvlab(lm, requests, device: str):
     from kvlab import LLM
 
     longest = max(len(p) + n for p, n in requests)
-    return LLM(model=lm, max_num_seqs=min(256, len(requests)), max_num_batched_tokens=4096 if device == "cuda" else 1024,
-               max_model_len=max(1024, 1 << (longest - 1).bit_length()), enable_prefix_caching=False)
+    return LLM(model=lm, max_num_seqs=min(256, len(requests)), max_num_batched_tokens=8192 if device == "cuda" else 1024,
+               max_model_len=max(1024, 1 << (longest - 1).bit_length()), enable_prefix_caching=False,
+               skip_tokenizer_init=lm.tokenizer is None)
 
 
 # ---------------------------------------------------------------------------- running
@@ -384,11 +385,12 @@ def decode_step_analysis(lm, batches=(64, 256), context: int = 500) -> dict:
     for batch in batches:
         row = {}
         for eager in (False, True):
-            llm = LLM(model=lm, max_num_seqs=batch, max_num_batched_tokens=max(4096, batch), max_model_len=1024,
-                      enforce_eager=eager, enable_prefix_caching=False)
+            # every prompt prefilled in one step, so that all `batch` sequences then decode together
+            llm = LLM(model=lm, max_num_seqs=batch, max_num_batched_tokens=batch * context, max_model_len=1024,
+                      enforce_eager=eager, enable_prefix_caching=False, skip_tokenizer_init=lm.tokenizer is None)
             prompts = [rng.integers(3, 49152, context).tolist() for _ in range(batch)]
             llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
-            steps = [s for s in list(llm.engine.stats)[-20:] if s.num_decode_seqs == batch]
+            steps = [s for s in list(llm.engine.stats)[2:] if s.num_decode_seqs == batch]
             key = "eager" if eager else "cuda_graph"
             row[key] = dict(step_ms=1e3 * statistics.median(s.total_time for s in steps),
                             forward_ms=1e3 * statistics.median(s.forward_time for s in steps),

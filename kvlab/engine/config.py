@@ -32,6 +32,8 @@ class EngineConfig:
     attention_backend: str = "auto"            # decode rows: "triton" kernel or "torch" (gather + SDPA);
                                                # auto: triton on CUDA, torch on CPU (faster there: measured)
     enforce_eager: bool = False                # True: no CUDA graphs
+    fused_kernels: bool | None = None          # fused add+RMSNorm, RoPE, SiLU*up, merged QKV / gate-up
+                                               # matmuls; None: on CUDA (Llama family), off on the CPU
     cuda_graph_batch_sizes: list[int] | None = None   # None: 1, 2, 4, 8, then every 8 up to max_num_seqs
     seed: int = 0                              # unseeded sampling draws from torch's generator seeded with this
     block_order_seed: int | None = None        # scatter the free-block queue (nothing may depend on adjacency)
@@ -62,6 +64,8 @@ class EngineConfig:
         if self.cuda_graph_batch_sizes is not None:
             sizes = [_int("cuda_graph_batch_sizes", b, low=1) for b in self.cuda_graph_batch_sizes]
             self.cuda_graph_batch_sizes = sorted(set(sizes))
+        if self.fused_kernels is not None and not isinstance(self.fused_kernels, bool):
+            raise TypeError(f"fused_kernels must be None, True or False, got {self.fused_kernels!r}")
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "skip_tokenizer_init"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -76,6 +76,10 @@ class ModelRunner:
         if backend == "auto":
             backend = "triton" if self.is_cuda else "torch"
         self.decode_backend = backend
+        fused = config.fused_kernels
+        if fused or (fused is None and self.is_cuda and model.can_fuse()):
+            model.use_fused_kernels()                     # ~12 kernels per layer instead of ~40
+        self.fused_kernels = model._fused is not None
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.profile_peak_bytes = 0
         self.num_blocks = config.num_kv_blocks or self._size_kv_pool()
@@ -223,11 +227,16 @@ class ModelRunner:
         self.graph_sizes = self.config.graph_batch_sizes()
         largest = self.graph_sizes[-1]
         dev = self.device
-        self.g_ids = torch.zeros(largest, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(largest, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((largest,), -1, dtype=torch.long, device=dev)
-        self.g_tables = torch.zeros(largest, self.max_blocks, dtype=torch.int32, device=dev)
-        self.g_lens = torch.zeros(largest, dtype=torch.int32, device=dev)
+        # The graphs' inputs: one int32 buffer on the GPU, [ids | positions | slots | lengths | tables],
+        # each region `largest` rows long, filled each step by ONE copy from a pinned host mirror.
+        w = self.max_blocks
+        self.g_buf = torch.zeros(largest * (4 + w), dtype=torch.int32, device=dev)
+        self.g_host = torch.zeros(largest * (4 + w), dtype=torch.int32, pin_memory=True)
+        self.g_host_np = self.g_host.numpy()
+        region = lambda t, i: t[i * largest:(i + 1) * largest]
+        self.g_ids, self.g_pos, self.g_slots, self.g_lens = (region(self.g_buf, i) for i in range(4))
+        self.g_tables = self.g_buf[4 * largest:].view(largest, w)
+        self.g_largest = largest
         pool = None
         for bs in reversed(self.graph_sizes):                # largest first: the others reuse its memory
             md = AttentionMetadata(self.g_slots[:bs], bs, self.g_tables[:bs], self.g_lens[:bs])
@@ -243,15 +252,17 @@ class ModelRunner:
         self.graph_capture_time = time.perf_counter() - t0
 
     def _fill_graph_inputs(self, bs: int, ids, positions, slots, rows, seq_lens) -> None:
-        n = len(ids)
-        dev = lambda a, dtype=torch.long: torch.from_numpy(a).to(self.device, dtype=dtype, non_blocking=True)
-        self.g_ids[:n].copy_(dev(ids))
-        self.g_pos[:n].copy_(dev(positions))
-        self.g_slots[:n].copy_(dev(slots))
-        self.g_slots[n:bs].fill_(-1)                          # padding rows write nothing
-        self.g_lens[:n].copy_(dev(seq_lens, torch.int32))
-        self.g_lens[n:bs].fill_(0)                            # and read nothing
-        self.g_tables[:n].copy_(dev(self.tables[rows], torch.int32))
+        """Write the step's inputs into the pinned mirror (padding rows: slot -1, length 0: nothing
+        written, nothing read), then copy it to the graphs' buffer in one asynchronous transfer."""
+        n, big, h = len(ids), self.g_largest, self.g_host_np
+        h[:n] = ids
+        h[big:big + n] = positions
+        h[2 * big:2 * big + n] = slots
+        h[2 * big + n:2 * big + bs] = -1
+        h[3 * big:3 * big + n] = seq_lens
+        h[3 * big + n:3 * big + bs] = 0
+        h[4 * big:].reshape(big, self.max_blocks)[:n] = self.tables[rows]
+        self.g_buf.copy_(self.g_host, non_blocking=True)
 
     # ------------------------------------------------------------------ sizing the pool
     def _size_kv_pool(self) -> int:
@@ -282,10 +293,11 @@ class ModelRunner:
         max_num_seqs rows, and the sampler's vocab-wide buffers (top-p sorts)."""
         cfg = self.config
         n = min(cfg.max_num_batched_tokens, self.max_model_len)
-        ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        positions = torch.arange(n, device=self.device)[None]
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)              # one flattened sequence
+        positions = torch.arange(n, device=self.device)
         rows = torch.arange(n - min(n, cfg.max_num_seqs), n, device=self.device)
-        logits = self.model.forward(ids, positions, causal_attention, logits_indices=rows)
+        attend = lambda i, q, k, v, pos: causal_attention(i, q[None], k[None], v[None], pos[None])[0]
+        logits = self.model.forward(ids, positions, attend, logits_indices=rows)
         r = logits.shape[0]
         batch = SamplingBatch(torch.ones(r, device=self.device), torch.full((r,), 50, device=self.device),
                               torch.full((r,), 0.9, device=self.device), [], False, True, -1)

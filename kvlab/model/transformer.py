@@ -89,6 +89,7 @@ class Transformer:
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         if rope_theta is not None:       # cos/sin of every position up to the model's maximum, once
             self._build_rope_table(spec.max_position_embeddings or 4096)
+        self._fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
 
     # ----------------------------------------------------------------- the whole pass
     @torch.inference_mode()
@@ -119,6 +120,8 @@ class Transformer:
         (len(logits_indices), vocab): the LM head, the largest matmul of a small model, then
         runs on those rows only (nanoGPT's `x[:, [-1], :]` in generate).
         """
+        if self._fused is not None:
+            return self._forward_fused(input_ids, positions, attn, logits_indices)
         rope = self.rope(positions)                          # cos/sin looked up once, used by every layer
         x = self.embed(input_ids, positions)                 # (B, T, H) or (N, H)
         for i in range(len(self.layers)):
@@ -182,6 +185,53 @@ class Transformer:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(x))
+
+    # ----------------------------------------------------------------- the fused path (NEW: the engine, on a GPU)
+    def can_fuse(self) -> bool:
+        """The fused kernels cover the Llama family (RMSNorm, RoPE, SwiGLU) with head_dim / 2 a power of two."""
+        half = self.head_dim // 2
+        return self.arch == "llama" and self.head_dim % 2 == 0 and half & (half - 1) == 0
+
+    def use_fused_kernels(self) -> None:
+        """Make forward() run the fused path: q, k, v as one matmul and gate, up as one (their
+        weights concatenated once: copies of HF's tensors), and add + RMSNorm, RoPE and
+        SiLU * up each as one kernel (kvlab.kernels.fused). Same function, ~12 kernels per layer
+        instead of ~40: what makes a small model's decode step fast."""
+        if not self.can_fuse():
+            raise ValueError(f"the fused kernels cover Llama-family models with head_dim / 2 a power of two; "
+                             f"{self.spec.name} is {self.arch} with head_dim {self.head_dim}")
+        fused = []
+        for layer in self.layers:
+            qkv_w = torch.cat([layer.q.weight, layer.k.weight, layer.v.weight])          # ((Hq + 2 Hkv) D, H)
+            qkv_b = None if layer.q.bias is None else torch.cat([layer.q.bias, layer.k.bias, layer.v.bias])
+            gate_up_w = torch.cat([layer.gate.weight, layer.up.weight])                  # (2 I, H)
+            fused.append((qkv_w, qkv_b, gate_up_w))
+        self._fused = fused
+
+    def _forward_fused(self, input_ids, positions, attn, logits_indices):
+        """forward() with the fused kernels, on a flattened batch (N,). The residual stream is carried
+        beside the normalized input: each add_rms_norm adds a sub-layer's output to it and normalizes
+        for the next sub-layer (the next layer's attention norm, or the final norm)."""
+        from kvlab.kernels.fused import add_rms_norm, rope_, silu_mul
+
+        eps = self.final_norm.eps
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        h, residual = add_rms_norm(self.embed_tokens[input_ids], None, self.layers[0].attn_norm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            qkv_w, qkv_b, gate_up_w = self._fused[i]
+            qkv = F.linear(h, qkv_w, qkv_b)                                      # (N, (Hq + 2 Hkv) D)
+            q = qkv[:, :q_width].view(-1, self.num_heads, self.head_dim)         # (N, Hq, D) views
+            k = qkv[:, q_width:q_width + kv_width].view(-1, self.num_kv_heads, self.head_dim)
+            v = qkv[:, q_width + kv_width:].view(-1, self.num_kv_heads, self.head_dim)
+            rope_(q, k, self._rope_cos, self._rope_sin, positions)               # in place
+            out = attn(i, q, k, v, positions)                                    # (N, Hq, D)
+            h, residual = add_rms_norm(layer.o(out.flatten(-2)), residual, layer.ffn_norm.weight, eps)
+            mlp = layer.down(silu_mul(F.linear(h, gate_up_w)))                   # (N, H)
+            norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
+            h, residual = add_rms_norm(mlp, residual, norm.weight, eps)
+        if logits_indices is not None:
+            h = h[logits_indices]
+        return self.lm_head(h)                                                   # (N or num_sampled, vocab)
 
     # ----------------------------------------------------------------- rotary embeddings
     def rope(self, positions: torch.Tensor):
