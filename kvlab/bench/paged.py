@@ -6,13 +6,12 @@ Two measurements, each beside its baseline in the same process:
    of them, forks (half of which copy-on-write at their first append) and frees;
    operations per second for each verb. The baseline is one dict update per operation
    (the cost of Python bookkeeping at its cheapest).
-2. One decode step of the real model at batch 8: the paged cache with the torch
-   reference decode attention against kvlab's contiguous cache, alternating the two so
-   that both see the same machine load. The step is split into the attention calls
-   (K/V write + attention, summed over layers), the runner's bookkeeping (block tables,
-   slot mapping, PagedBatch) and the rest of the model (matmuls, norms, RoPE). A third
-   line runs the paged step with `gather_decode_attention` (gather, then SDPA) instead of
-   the reference.
+2. One decode step of the real model at batch 8: kvlab's engine on the paged cache against
+   kvlab's model on the contiguous cache (the baseline). The engine's step is split into
+   the attention calls (K/V write + attention, summed over layers), the scheduler, building
+   the step's inputs, and handling its outputs. It runs twice, with each decode attention:
+   "torch" (gather through the block table, then SDPA) and "triton" (the kernel, through
+   Triton's interpreter on a CPU): which one the engine uses on a CPU is decided by this.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ from collections import Counter
 
 import torch
 
-from kvlab.kernels import paged_attention_reference
-from kvlab.paged import BlockAllocator, forward_step, gather_decode_attention, make_paged, prefill
+from kvlab.paged import BlockAllocator
 
 
 # ----------------------------------------------------------------------------- allocator
@@ -87,106 +85,92 @@ def bench_allocator(num_seqs: int = 256, block_size: int = 16, rounds: int = 64,
 # ----------------------------------------------------------------------------- decode step
 
 class TimedAttention:
-    """Wraps an attention function and adds up the seconds spent in it."""
+    """Wraps an attention function and adds up the seconds spent in it; `metadata` (the engine's
+    per-step attention metadata) passes through to the wrapped function."""
 
     def __init__(self, inner):
-        self.inner, self.seconds = inner, 0.0
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "seconds", 0.0)
 
     def __call__(self, *args):
         t = time.perf_counter()
         out = self.inner(*args)
-        self.seconds += time.perf_counter() - t
+        object.__setattr__(self, "seconds", self.seconds + time.perf_counter() - t)
         return out
 
-    # PagedAttention's interface, passed through
-    def set_batch(self, batch):
-        self.inner.set_batch(batch)
-        return self
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-    @property
-    def cache(self):
-        return self.inner.cache
+    def __setattr__(self, name, value):
+        if name == "seconds":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+
+def _engine_decode_steps(lm, backend: str, ids: torch.Tensor, block_size: int, steps: int, order_seed: int):
+    """Median seconds of the engine's decode step (and its attention calls, scheduling, input
+    building, output handling) with `batch` sequences of `context` cached tokens."""
+    from kvlab import LLM, SamplingParams
+
+    batch, context = ids.shape
+    llm = LLM(model=lm, attention_backend=backend, block_size=block_size, max_num_seqs=batch,
+              max_num_batched_tokens=max(batch * context, batch), num_kv_blocks=batch * -(-(context + steps + 4)
+                                                                                           // block_size) + 8,
+              block_order_seed=order_seed, enable_prefix_caching=False, fused_kernels=False)
+    engine = llm.engine
+    for i in range(batch):
+        engine.add_request(str(i), ids[i].tolist(), SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
+    engine.step()                                                      # the prefill of every prompt
+    timed = TimedAttention(engine.runner.attn)
+    engine.runner.attn = timed
+    rows = {k: [] for k in ("step", "attention", "schedule", "prepare", "forward", "output")}
+    for step in range(steps + 1):                                       # 1 warm-up step
+        timed.seconds = 0.0
+        t = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t
+        st = engine.stats[-1]
+        if step:
+            for k, v in zip(rows, (dt, timed.seconds, st.schedule_time, st.prepare_time, st.forward_time,
+                                   st.output_time)):
+                rows[k].append(v)
+    engine.abort_request([str(i) for i in range(batch)])
+    return {k: statistics.median(v) for k, v in rows.items()}
 
 
 def bench_decode(model_name: str = "smollm2-135m", batch: int = 8, context: int = 256, block_size: int = 16,
-                 steps: int = 12, seed: int = 0) -> dict:
-    """Median decode-step time, paged (torch reference) vs contiguous cache, at `batch`."""
+                 steps: int = 12, triton_steps: int = 2, seed: int = 0) -> dict:
+    """Median decode-step time at `batch`: kvlab's model on the contiguous cache (the baseline), and
+    the engine's step on the paged cache with each decode attention: "torch" (gather through the
+    block table, then SDPA) and "triton" (the kernel; on a CPU, Triton's interpreter)."""
     import kvlab
     from kvlab.cache import ContiguousKVCache
 
     lm = kvlab.load_model(model_name)
     model = kvlab.Transformer.from_hf(lm.hf_model)
     torch.manual_seed(seed)
-    ids = torch.randint(0, lm.spec.vocab_size, (batch, context))
-    max_len = context + steps + 2
-
-    contiguous = ContiguousKVCache.for_spec(model.spec, batch, max_len, model.embed_tokens.dtype)
+    ids = torch.randint(3, lm.spec.vocab_size, (batch, context))
+    contiguous = ContiguousKVCache.for_spec(model.spec, batch, context + steps + 4, model.embed_tokens.dtype)
     timed_c = TimedAttention(contiguous)
     model(ids, attn=contiguous)                                          # prefill
-
-    num_blocks = batch * -(-max_len // block_size) + 8
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
-    timed_decode = TimedAttention(paged_attention_reference)            # the decode attention alone
-    alloc, cache, attn = make_paged(model, num_blocks, block_size, free_order=order, decode_attention=timed_decode)
-    timed_p = TimedAttention(attn)
-    seqs = list(range(batch))
-    for s in seqs:
-        alloc.allocate_sequence(s, ids[s].tolist())
-    prefill(model, attn, alloc, seqs)
-
-    model_seconds = [0.0]
-
-    def timed_model(ids_, positions=None, attn=None):                # the model call alone
-        t = time.perf_counter()
-        out = model(ids_, positions=positions, attn=attn)
-        model_seconds[0] = time.perf_counter() - t
-        return out
-
-    tok = torch.randint(0, lm.spec.vocab_size, (batch, 1))
-    # the same paged step with "gather + SDPA" as the decode attention, on its own allocator/cache
-    alloc_g, _, attn_g = make_paged(model, num_blocks, block_size, free_order=order,
-                                    decode_attention=gather_decode_attention)
-    timed_g = TimedAttention(attn_g)
-    for s in seqs:
-        alloc_g.allocate_sequence(s, ids[s].tolist())
-    prefill(model, attn_g, alloc_g, seqs)
-
-    keys = ["contiguous", "contiguous_attn", "paged", "paged_attn", "paged_decode_fn", "paged_allocator",
-            "paged_runner", "paged_gather", "paged_gather_attn"]
-    rows: dict[str, list[float]] = {k: [] for k in keys}
-    for step in range(steps + 2):                                        # 2 warm-up steps
-        pos = torch.full((batch, 1), context + step)
+    tok = torch.randint(3, lm.spec.vocab_size, (batch, 1))
+    rows = {"step": [], "attention": []}
+    for step in range(steps + 1):
         timed_c.seconds = 0.0
         t = time.perf_counter()
-        model(tok, positions=pos, attn=timed_c)
-        t_c = time.perf_counter() - t
-
-        timed_p.seconds = timed_decode.seconds = 0.0
-        t = time.perf_counter()
-        for s in seqs:
-            alloc.append_token(s, int(tok[s, 0]))
-        t_alloc = time.perf_counter() - t
-        logits_p = forward_step(timed_model, timed_p, alloc, seqs, [1] * batch)
-        t_p = time.perf_counter() - t
-        model_p = model_seconds[0]
-
-        timed_g.seconds = 0.0
-        t = time.perf_counter()
-        for s in seqs:
-            alloc_g.append_token(s, int(tok[s, 0]))
-        logits_g = forward_step(model, timed_g, alloc_g, seqs, [1] * batch)
-        t_g = time.perf_counter() - t
-        if step >= 2:
-            for k, v in zip(keys, [t_c, timed_c.seconds, t_p, timed_p.seconds, timed_decode.seconds, t_alloc,
-                                   t_p - t_alloc - model_p, t_g, timed_g.seconds]):
-                rows[k].append(v)
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    med["model_other"] = med["contiguous"] - med["contiguous_attn"]
+        model(tok, positions=torch.full((batch, 1), context + step), attn=timed_c)
+        if step:
+            rows["step"].append(time.perf_counter() - t)
+            rows["attention"].append(timed_c.seconds)
+    med = {"contiguous": {k: statistics.median(v) for k, v in rows.items()}}
+    med["engine_torch"] = _engine_decode_steps(lm, "torch", ids, block_size, steps, seed)
+    med["engine_triton"] = _engine_decode_steps(lm, "triton", ids, block_size, triton_steps, seed)
+    c, e = med["contiguous"], med["engine_torch"]
     return dict(model=model_name, batch=batch, context=context, block_size=block_size, steps=steps,
-                median_s=med, ratio_paged_over_contiguous=med["paged"] / med["contiguous"],
-                attn_ratio=med["paged_attn"] / med["contiguous_attn"],
-                ratio_gather_over_contiguous=med["paged_gather"] / med["contiguous"],
-                same_argmax=bool((logits_p.argmax(-1) == logits_g.argmax(-1)).all()))
+                median_s=med, ratio_engine_over_contiguous=e["step"] / c["step"],
+                attn_ratio=e["attention"] / c["attention"],
+                triton_over_torch=med["engine_triton"]["step"] / e["step"])
 
 
 def main(argv=None) -> None:
@@ -214,18 +198,18 @@ def main(argv=None) -> None:
 
     d = bench_decode(args.model, args.batch, args.context, args.block_size, args.steps)
     m = d["median_s"]
+    ms = lambda x: f"{x * 1e3:8.1f} ms"
     print(f"\ndecode step, {d['model']}, batch {d['batch']}, context {d['context']}, block size "
-          f"{d['block_size']}, {torch.get_num_threads()} threads, median of {d['steps']}:")
-    print(f"  contiguous cache   {m['contiguous'] * 1e3:8.1f} ms  (attention {m['contiguous_attn'] * 1e3:6.1f} ms)")
-    print(f"  paged (reference)  {m['paged'] * 1e3:8.1f} ms  (attention {m['paged_attn'] * 1e3:6.1f} ms, of which "
-          f"paged_attention_reference {m['paged_decode_fn'] * 1e3:.1f} ms and K/V writes "
-          f"{(m['paged_attn'] - m['paged_decode_fn']) * 1e3:.1f} ms;")
-    print(f"                                 allocator appends {m['paged_allocator'] * 1e3:.2f} ms, "
-          f"runner bookkeeping {m['paged_runner'] * 1e3:.2f} ms)")
-    print(f"  paged (gather+SDPA){m['paged_gather'] * 1e3:8.1f} ms  (attention {m['paged_gather_attn'] * 1e3:6.1f} ms)")
-    print(f"  the rest of the model (matmuls, norms, RoPE): {m['model_other'] * 1e3:.1f} ms")
-    print(f"  ratio paged / contiguous: step {d['ratio_paged_over_contiguous']:.2f}x, "
-          f"attention {d['attn_ratio']:.2f}x; gather+SDPA step {d['ratio_gather_over_contiguous']:.2f}x")
+          f"{d['block_size']}, {torch.get_num_threads()} threads, medians:")
+    print(f"  contiguous cache (kvlab's model)  {ms(m['contiguous']['step'])}  (attention {ms(m['contiguous']['attention'])})")
+    for name in ("engine_torch", "engine_triton"):
+        e = m[name]
+        print(f"  {name:<32}  {ms(e['step'])}  (attention {ms(e['attention'])}; scheduler {e['schedule'] * 1e3:.2f} ms, "
+              f"inputs {e['prepare'] * 1e3:.2f} ms, outputs {e['output'] * 1e3:.2f} ms)")
+    print(f"  engine (torch decode attention) / contiguous: step {d['ratio_engine_over_contiguous']:.2f}x, "
+          f"attention {d['attn_ratio']:.2f}x")
+    print(f"  triton (interpreted) / torch decode attention: {d['triton_over_torch']:.1f}x the step time: the "
+          f"engine's CPU default is {'torch' if d['triton_over_torch'] > 1 else 'triton'}")
     if args.json:
         meta = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                     torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
