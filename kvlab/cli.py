@@ -3,6 +3,10 @@
     kvlab memory --model llama-3-8b --gpu H100-80GB --context 8192 --kv-dtype fp8 --tp 2
     kvlab memory --model llama-3-8b --json          # the plan as JSON, for scripts
     kvlab memory --list                              # model and GPU presets
+    kvlab generate "The capital of France is" --max-tokens 32      # streamed to the terminal
+    kvlab generate --file prompts.txt --temperature 0.8 --top-p 0.95
+    kvlab serve --model smollm2-135m --port 8000     # OpenAI-compatible server
+    kvlab bench engine --workload B                  # the race against Hugging Face
 
 Bad arguments print a usage error and exit with status 2 (argparse's convention).
 To add a subcommand: write `add_<name>_parser(subparsers)` and `cmd_<name>(args)`, and
@@ -133,7 +137,160 @@ def cmd_memory(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+# ---- kvlab generate ----------------------------------------------------------------------------
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    from kvlab.serve.cli import add_engine_arguments
+
+    p = subparsers.add_parser(
+        "generate", help="generate text with kvlab's engine (offline, like vLLM's LLM.generate)",
+        description="Generate from one prompt (streamed to the terminal as it is produced) or many "
+                    "(batched together by the engine; each printed when it finishes).")
+    p.add_argument("prompt", nargs="*", help="prompt text (several: one request each)")
+    p.add_argument("--file", help="a file of prompts: one per line, or JSON lines with a 'prompt' field")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the model's chat template")
+    g = p.add_argument_group("sampling (SamplingParams)")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all (default 0)")
+    g.add_argument("--sampling-seed", dest="sample_seed", type=int, default=None,
+                   help="per-request random seed (SamplingParams.seed; --seed seeds the engine)")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
+    p.add_argument("--json", action="store_true", help="print the results as JSON lines")
+    add_engine_arguments(p)
+    return p
+
+
+def _read_prompts(args, parser: argparse.ArgumentParser) -> list[str]:
+    prompts = list(args.prompt)
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except OSError as err:
+            parser.error(f"--file {args.file!r}: {err.strerror}")
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    parser.error(f"--file {args.file!r}, line {i}: a JSON line needs a string 'prompt' field")
+            else:
+                prompts.append(line)
+    if not prompts:
+        parser.error("give a prompt (or --file with prompts)")
+    if any(not isinstance(p, str) or not p for p in prompts):
+        parser.error("prompts must be non-empty text")
+    return prompts
+
+
+def cmd_generate(args, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    from kvlab.engine import LLM, SamplingParams
+    from kvlab.serve.cli import engine_kwargs
+
+    prompts = _read_prompts(args, parser)
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                seed=args.sample_seed, max_tokens=args.max_tokens, stop=args.stop,
+                                ignore_eos=args.ignore_eos)
+    except (ValueError, TypeError) as err:            # name the flag, not the SamplingParams field
+        _flag_error(parser, err, {"max_tokens": "--max-tokens", "top_p": "--top-p", "top_k": "--top-k",
+                                  "seed": "--sampling-seed", "temperature": "--temperature", "stop": "--stop",
+                                  "n": "--n"})
+    try:
+        llm = LLM(**engine_kwargs(args))
+    except (ValueError, TypeError) as err:
+        from kvlab.serve.cli import ENGINE_FLAGS
+
+        _flag_error(parser, err, {dest: flag for flag, dest, _, _ in ENGINE_FLAGS})
+    if args.chat:
+        tok = llm.get_tokenizer()
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    start = time.perf_counter()
+    generated = 0
+    with usage_errors(parser):
+        if len(prompts) == 1 and args.n == 1 and not args.no_stream and not args.json:
+            for out in llm.stream(prompts, params):             # one prompt: text as it is produced
+                print(out.outputs[0].text, end="", flush=True)
+                generated += len(out.outputs[0].token_ids)
+            print()
+        else:
+            for i, out in enumerate(llm.generate(prompts, params, use_tqdm=not args.json)):
+                for o in out.outputs:
+                    generated += len(o.token_ids)
+                    if args.json:
+                        print(json.dumps({"index": i, "sample": o.index, "prompt": out.prompt, "text": o.text,
+                                          "finish_reason": o.finish_reason, "num_tokens": len(o.token_ids)}))
+                    else:
+                        tag = f"[{i}]" + (f"[{o.index}]" if args.n > 1 else "")
+                        print(f"{tag} {out.prompt!r}\n{o.text}\n")
+    seconds = time.perf_counter() - start
+    print(f"{len(prompts)} prompt(s), {generated} tokens in {seconds:.2f} s ({generated / seconds:.1f} tok/s)",
+          file=sys.stderr)
+    return 0
+
+
+# ---- kvlab serve and kvlab bench ---------------------------------------------------------------
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    from kvlab.serve.cli import add_serve_parser as add
+
+    return add(subparsers)
+
+
+def cmd_serve(args, parser: argparse.ArgumentParser) -> int:
+    from kvlab.serve.cli import cmd_serve as run
+
+    return run(args, parser)
+
+
+BENCHMARKS = {
+    "engine": "kvlab vs Hugging Face on the same requests (tokens/s, TTFT, TPOT)",
+    "serve": "load test of an OpenAI-compatible server: latency against request rate",
+    "kernels": "the Triton paged-attention kernel against its baselines (CUDA GPU)",
+    "paged": "allocator ops/s; the engine's decode step against the contiguous cache",
+    "fragmentation": "the allocation simulator on 100k requests per policy",
+}
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmarks (each prints measured ratios against a baseline)",
+                              description="Run one of kvlab's benchmarks; arguments after its name go to it "
+                                          "(`kvlab bench engine --help`).")
+    p.add_argument("benchmark", choices=sorted(BENCHMARKS), metavar="BENCHMARK",
+                   help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    return p
+
+
+def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
+    import importlib
+
+    module = importlib.import_module(f"kvlab.bench.{args.benchmark}")
+    return module.main(args.args) or 0
+
+
 # ---- shared helpers ----------------------------------------------------------------------------
+
+def _flag_error(parser: argparse.ArgumentParser, err: Exception, flags: dict[str, str]):
+    """A usage error whose message names the command-line flag instead of the Python field
+    ("max_tokens must be ..." -> "--max-tokens must be ...")."""
+    message = str(err)
+    for field, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        if message.startswith(field + " "):
+            message = flag + message[len(field):]
+            break
+    parser.error(message)
+
 
 @contextlib.contextmanager
 def usage_errors(parser: argparse.ArgumentParser):
@@ -147,7 +304,8 @@ def usage_errors(parser: argparse.ArgumentParser):
 
 # ---- the command -------------------------------------------------------------------------------
 
-SUBCOMMANDS = {"memory": (add_memory_parser, cmd_memory)}
+SUBCOMMANDS = {"memory": (add_memory_parser, cmd_memory), "generate": (add_generate_parser, cmd_generate),
+               "serve": (add_serve_parser, cmd_serve), "bench": (add_bench_parser, cmd_bench)}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -104,3 +104,39 @@ def test_python_dash_m_kvlab():
     bad = subprocess.run([sys.executable, "-m", "kvlab", "memory", "--tp", "5"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+# ---- kvlab generate / bench ----------------------------------------------------------------------
+
+def test_generate_prints_json_lines_equal_to_the_engine(capsys, tmp_path):
+    """`kvlab generate` is LLM.generate: the same greedy text, one JSON line per sample."""
+    import kvlab
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('The weather today is\n\n{"prompt": "def fibonacci(n):"}\n')
+    rc = main(["generate", "--model", "tiny-llama-random", "--max-tokens", "5", "--json", "--file", str(prompts)])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and [x["prompt"] for x in lines] == ["The weather today is", "def fibonacci(n):"]
+    expected = kvlab.LLM(model="tiny-llama-random").generate(
+        ["The weather today is", "def fibonacci(n):"], kvlab.SamplingParams(temperature=0, max_tokens=5),
+        use_tqdm=False)
+    assert [x["text"] for x in lines] == [o.outputs[0].text for o in expected]
+    assert all(x["num_tokens"] <= 5 for x in lines)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--max-tokens", "-1", "x"], "--max-tokens"), (["--top-p", "1.5", "x"], "--top-p"),
+    (["--temperature", "-1", "x"], "--temperature"), ([], "give a prompt"),
+    (["--file", "/nonexistent/prompts.txt"], "--file"), (["--block-size", "0", "x"], "--block-size must be"),
+    (["--max-num-seqs", "64", "--max-num-batched-tokens", "8", "x"], "--max-num-batched-tokens"),
+])
+def test_generate_bad_flags_exit_2_naming_the_flag(capsys, argv, flag):
+    rc = main(["generate", "--model", "tiny-llama-random", *argv])
+    assert rc == 2 and flag in capsys.readouterr().err
+
+
+def test_bench_dispatches_to_the_benchmark_and_refuses_unknown_ones(capsys):
+    assert main(["bench", "fragmentation", "--help"]) == 0
+    assert "usage" in capsys.readouterr().out
+    assert main(["bench", "nope"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
