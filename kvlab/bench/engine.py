@@ -120,25 +120,16 @@ def make_requests(workload: str, vocab_size: int, tokenizer=None, seed: int = 0)
 
 
 def smollm2_random(device: str, dtype: torch.dtype):
-    """SmolLM2-135M's architecture (its published config) with seeded random weights: the GPU
-    machine has no offline copy of the real weights. Its tokenizer is the real one where kvlab's
-    converted copy exists, else None (prompts as token ids). eos_token_id is None: random
-    weights would stop at a random EOS; every system here ignores EOS anyway."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """kvlab.load_model("smollm2-135m-random"): SmolLM2-135M's architecture with seeded random weights
+    (the GPU machine has no offline copy of the real ones). Its EOS is unset here: random weights
+    would stop at a random EOS, and every system in this benchmark generates exactly what it asked."""
+    from kvlab.model.loading import load_model
 
-    from kvlab.model.loading import LoadedModel
-    from kvlab.model.spec import ModelSpec
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=None, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = model.to(device).eval()
-    return LoadedModel("smollm2-135m-random", model, None, ModelSpec.from_hf_config(model.config,
-                                                                                    name="smollm2-135m-random"))
+    lm = load_model("smollm2-135m-random", device=device, dtype=dtype)
+    lm.hf_model.config.eos_token_id = None
+    lm.hf_model.generation_config.eos_token_id = None
+    lm.hf_model.generation_config.pad_token_id = 0
+    return lm
 
 
 # ---------------------------------------------------------------------------- HF systems
@@ -262,7 +253,7 @@ def make_kvlab(lm, requests, device: str):
     longest = max(len(p) + n for p, n in requests)
     return LLM(model=lm, max_num_seqs=min(256, len(requests)), max_num_batched_tokens=8192 if device == "cuda" else 1024,
                max_model_len=max(1024, 1 << (longest - 1).bit_length()), enable_prefix_caching=False,
-               skip_tokenizer_init=lm.tokenizer is None)
+               skip_tokenizer_init=True)        # token ids in and out, as HF's generate returns them
 
 
 # ---------------------------------------------------------------------------- running
@@ -387,7 +378,7 @@ def decode_step_analysis(lm, batches=(64, 256), context: int = 500) -> dict:
         for eager in (False, True):
             # every prompt prefilled in one step, so that all `batch` sequences then decode together
             llm = LLM(model=lm, max_num_seqs=batch, max_num_batched_tokens=batch * context, max_model_len=1024,
-                      enforce_eager=eager, enable_prefix_caching=False, skip_tokenizer_init=lm.tokenizer is None)
+                      enforce_eager=eager, enable_prefix_caching=False, skip_tokenizer_init=True)
             prompts = [rng.integers(3, 49152, context).tolist() for _ in range(batch)]
             llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
             steps = [s for s in list(llm.engine.stats)[2:] if s.num_decode_seqs == batch]

