@@ -209,7 +209,20 @@ def hf_continuous(lm, requests) -> tuple[list, list]:
 
     gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None,
                           pad_token_id=0)
-    manager = lm.hf_model.init_continuous_batching(generation_config=gc)
+    model = lm.hf_model
+    before = getattr(model.config, "_attn_implementation", None)
+    manager, errors = None, []
+    for impl in (None, "paged|sdpa", "sdpa_paged"):    # newer transformers switch by themselves
+        try:
+            if impl is not None:
+                model.set_attn_implementation(impl)
+            manager = model.init_continuous_batching(generation_config=gc)
+            break
+        except Exception as e:                          # noqa: BLE001
+            errors.append(f"{impl}: {type(e).__name__}: {e}")
+    if manager is None:
+        raise RuntimeError("transformers' continuous batching did not start: " + " | ".join(errors))
+    finished = lambda r: r.is_finished() if hasattr(r, "is_finished") else str(r.status).upper().endswith("FINISHED")
     manager.start()
     try:
         start = time.perf_counter()
@@ -224,11 +237,15 @@ def hf_continuous(lm, requests) -> tuple[list, list]:
                 continue
             now = time.perf_counter()
             first.setdefault(result.request_id, now)
-            if result.is_finished():
+            if finished(result):
                 done[result.request_id] = now
                 first[result.request_id] = min(first[result.request_id], now)
     finally:
         manager.stop(block=True)
+        if before is not None and getattr(model.config, "_attn_implementation", None) != before:
+            model.set_attn_implementation(before)           # the other HF systems use their usual attention
+    if len(done) < len(ids):
+        raise RuntimeError(f"transformers' continuous batching finished {len(done)} of {len(ids)} requests")
     ttft, tpot = [], []
     for rid, (_, new) in zip(ids, requests):
         ttft.append(first[rid] - start)
@@ -350,6 +367,29 @@ def _step_breakdown(engine) -> dict:
                 median_decode_step_ms=1e3 * statistics.median([s.total_time for s in graph]) if graph else None)
 
 
+# ---------------------------------------------------------------------------- concurrency
+
+def concurrency_sweep(lm, counts=(1, 4, 16, 64, 256), device: str = "cuda") -> dict:
+    """Tokens/s of kvlab and HF's padded batch at several request counts (workload A's shape:
+    prompts 16..512, 128 new tokens): the more requests at once, the bigger continuous
+    batching's win. One kvlab engine serves every count; each count runs twice, the second timed."""
+    rng_requests = make_requests("A", lm.spec.vocab_size)
+    pool = (rng_requests * (max(counts) // len(rng_requests) + 1))[:max(counts)]
+    llm = make_kvlab(lm, pool, device)
+    out = {}
+    for n in counts:
+        reqs = pool[:n]
+        k = measure("kvlab", lambda r: kvlab_run(llm, r), reqs)
+        h = measure("hf_padded", lambda r: hf_padded(lm, r), reqs, warm_subset=min(n, 4))
+        out[str(n)] = {"kvlab": k.tokens_per_s, "hf_padded": h.tokens_per_s, "ratio": k.tokens_per_s / h.tokens_per_s,
+                       "kvlab_tpot_p50_s": float(np.median(k.tpot)), "hf_padded_tpot_p50_s": float(np.median(h.tpot))}
+        print(f"[concurrency] {n:4d} requests: kvlab {k.tokens_per_s:,.0f} tok/s, HF padded {h.tokens_per_s:,.0f} "
+              f"tok/s ({out[str(n)]['ratio']:.1f}x)", flush=True)
+    del llm
+    _free_gpu_memory()
+    return out
+
+
 # ---------------------------------------------------------------------------- GPU decode step
 
 def copy_bandwidth() -> float:
@@ -464,6 +504,8 @@ def main(argv=None) -> int:
     parser.add_argument("--subset-slow", type=int, default=None,
                         help="run one-at-a-time and threads on only the first N requests (GPU: time)")
     parser.add_argument("--decode-analysis", action="store_true", help="GPU: decode step vs its bandwidth bound")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=None,
+                        help="also sweep these request counts, kvlab vs HF padded (e.g. 1 4 16 64 256)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -484,6 +526,11 @@ def main(argv=None) -> int:
         result["workloads"][workload]["model"] = lm.name
         if args.out:                                  # keep what is done if a later workload fails
             args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+    if args.concurrency:
+        lm = smollm2_random("cuda", torch.bfloat16) if cuda else __import__("kvlab").load_model("smollm2-135m")
+        result["concurrency"] = concurrency_sweep(lm, args.concurrency, "cuda" if cuda else "cpu")
+        if args.out:
             args.out.write_text(json.dumps(result, indent=1))
     if args.decode_analysis and cuda:
         result["decode_step"] = decode_step_analysis(smollm2_random("cuda", torch.bfloat16))
