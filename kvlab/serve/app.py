@@ -1,0 +1,271 @@
+"""The HTTP side of `kvlab serve`: a Starlette (ASGI) app around one AsyncEngine.
+
+    POST /v1/completions        prompt (text or token ids) -> text; stream=true: server-sent events
+    POST /v1/chat/completions   messages -> the model's chat template -> text; same streaming
+    GET  /v1/models             the served model
+    GET  /health                200 while the engine loop runs, 503 otherwise
+    GET  /metrics               Prometheus text (kvlab.serve.metrics)
+
+A generation request goes: read and check the body (kvlab.serve.protocol) -> tokenize on
+the tokenizer thread -> `AsyncEngine.add_request` (the engine thread takes it between two
+steps, or refuses it) -> an `EngineResponse` that sends the outputs as they arrive. The
+response also listens for the client going away: a disconnect before the request finished
+aborts it in the engine, which frees its KV blocks at the next step boundary.
+
+Every refusal (bad JSON, bad field, unknown model, prompt too long, queue full, missing API
+key) is an OpenAI-style error JSON with a status: 400, 401, 404, 413 or 503 (with
+Retry-After). A refusal touches nothing in the engine, so running requests never notice.
+vLLM's server (vllm/entrypoints/openai/api_server.py) is the same design on FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import hmac
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from kvlab.engine import LLMEngine
+from kvlab.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from kvlab.serve.metrics import CONTENT_TYPE, ServerMetrics
+from kvlab.serve.protocol import ApiError, GenerateRequest, StreamEncoder, final_response, parse_chat, parse_completion
+
+logger = logging.getLogger("kvlab.serve")
+
+MAX_BODY_BYTES = 32 * 2**20     # 32 MiB: a prompt far longer than any model's context still fits
+RETRY_AFTER_S = 1               # what a 503 (queue full) tells the client to wait, seconds
+REJECT_REASONS = {400: "invalid", 401: "unauthorized", 404: "unknown_model", 413: "too_large", 503: "unavailable"}
+
+
+class OpenAIServer:
+    """The state behind the routes: the engine loop, the metrics, a tokenizer of its own."""
+
+    def __init__(self, engine: LLMEngine, model_name: str, max_waiting_requests: int = 1000):
+        self.engine = AsyncEngine(engine, max_waiting_requests)
+        self.metrics = ServerMetrics(self.engine)
+        self.engine.on_finished = self.metrics.observe_finished
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self.created = int(time.time())
+        # The engine thread detokenizes with engine.tokenizer; prompts are tokenized here, on one
+        # thread of our own with a copy of it, so that a long prompt never stalls a step.
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvlab-tokenizer")
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, request: Request, parse) -> EngineResponse:
+        arrival = time.perf_counter()
+        req: GenerateRequest = parse(await read_json(request))
+        if req.model != self.model_name:
+            raise ApiError(404, f"the model '{req.model}' does not exist on this server; it serves "
+                                f"'{self.model_name}' (GET /v1/models)", param="model", code="model_not_found")
+        loop = asyncio.get_running_loop()
+        prompt = await loop.run_in_executor(self.tokenizer_thread, self.prompt_token_ids, req)
+        try:
+            stream = await self.engine.add_request(req.request_id, prompt, req.params, arrival)
+        except QueueFullError as err:
+            raise ApiError(503, str(err), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except (ValueError, TypeError) as err:
+            raise ApiError(400, str(err), param="prompt" if req.endpoint == "completion" else "messages") from None
+        except EngineDeadError as err:
+            raise ApiError(503, str(err), code="engine_unavailable") from None
+        return EngineResponse(self, req, stream)
+
+    def prompt_token_ids(self, req: GenerateRequest) -> list[int]:
+        """Token ids of the prompt: the chat template for chat, the tokenizer for text (as LLM.generate)."""
+        if req.endpoint == "chat":
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ApiError(400, f"the model '{self.model_name}' has no chat template; use /v1/completions",
+                               param="messages")
+            enc = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+            return list(enc["input_ids"])
+        if isinstance(req.prompt, str):
+            return self.tokenizer.encode(req.prompt)
+        return list(req.prompt)
+
+    # ------------------------------------------------------------------ other routes
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "kvlab",
+            "max_model_len": self.max_model_len}]})
+
+    async def health(self, request: Request) -> Response:
+        if self.engine.is_running:
+            return Response(status_code=200)
+        return error_response(ApiError(503, "the engine loop is not running", code="engine_unavailable"))
+
+    async def metrics_page(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    def on_error(self, err: ApiError) -> None:
+        self.metrics.rejected.labels(REJECT_REASONS.get(err.status, str(err.status))).inc()
+
+
+class EngineResponse:
+    """The ASGI response of one engine request: the whole answer, or a stream of events.
+
+    Two tasks race: one sends what the engine produces, one waits for the client to
+    disconnect. Whichever ends first cancels the other; if the engine request has not
+    finished by then, it is aborted (its blocks are freed at the next step boundary).
+    """
+
+    def __init__(self, server: OpenAIServer, req: GenerateRequest, stream: RequestStream):
+        self.server, self.req, self.stream = server, req, stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        sender = asyncio.ensure_future(self._send_events(send) if self.req.stream else self._send_whole(send))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done():
+                sender.result()                             # re-raise what went wrong while sending
+        finally:
+            sender.cancel()
+            watcher.cancel()
+            if not self.stream.finished:
+                self.server.engine.abort(self.req.request_id)
+
+    async def _send_events(self, send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-cache")]})
+        encoder = StreamEncoder(self.req, self.server.model_name)
+        try:
+            async for outputs in self.stream:
+                data = encoder.encode(outputs)
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+        except EngineDeadError:                            # shutdown: end every choice with "abort"
+            await send({"type": "http.response.body", "body": encoder.abort(range(self.req.params.n)),
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": encoder.close(), "more_body": False})
+
+    async def _send_whole(self, send) -> None:
+        final = None
+        try:
+            async for outputs in self.stream:
+                final = outputs[-1]
+        except EngineDeadError as err:
+            await _send_json(send, 503, ApiError(503, str(err), code="engine_unavailable").body())
+            return
+        await _send_json(send, 200, final_response(self.req, final, self.server.model_name))
+
+
+async def _wait_for_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    data = json.dumps(body, ensure_ascii=False).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES):
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise ApiError(413, f"the request body is larger than {max_bytes} bytes")
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as err:         # JSONDecodeError is a ValueError
+        raise ApiError(400, f"the request body is not valid JSON ({err}); send a JSON object, e.g. "
+                            f'{{"model": ..., "prompt": ...}}') from None
+
+
+def error_response(err: ApiError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class ApiKeyAuth:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer <key>` (as vLLM's --api-key); /health and
+    /metrics stay open. The key is compared by its SHA-256 digest with hmac.compare_digest, so
+    the time taken depends neither on where a guess first differs nor on its length."""
+
+    def __init__(self, app, api_key: str, on_reject=None):
+        self.app = app
+        self.digest = hashlib.sha256(api_key.encode()).digest()
+        self.on_reject = on_reject
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._authorized(scope):
+            err = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with "
+                                "the key the server was started with (--api-key)", code="invalid_api_key")
+            if self.on_reject is not None:
+                self.on_reject(err)
+            await _send_json(send, 401, err.body(), {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        same = hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self.digest)
+        return same and scheme.lower() == b"bearer"
+
+
+def build_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None,
+              max_waiting_requests: int = 1000) -> Starlette:
+    """The ASGI app serving `engine` as `model_name`. The engine loop starts with the app (lifespan
+    startup) and stops with it: requests still in the engine are then aborted."""
+    server = OpenAIServer(engine, model_name, max_waiting_requests)
+
+    async def completions(request: Request):
+        return await server.generate(request, parse_completion)
+
+    async def chat(request: Request):
+        return await server.generate(request, parse_chat)
+
+    async def on_api_error(request: Request, err: ApiError):
+        server.on_error(err)
+        return error_response(err)
+
+    async def on_http_error(request: Request, err: HTTPException):
+        return error_response(ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+                                       code="not_found" if err.status_code == 404 else None))
+
+    async def on_crash(request: Request, err: Exception):
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(ApiError(500, f"internal server error: {type(err).__name__}: {err}"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            await server.engine.shutdown()
+            server.tokenizer_thread.shutdown(wait=False)
+
+    app = Starlette(routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics_page, methods=["GET"]),
+    ], exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
+        lifespan=lifespan)
+    app.state.server = server
+    if api_key:
+        app.add_middleware(ApiKeyAuth, api_key=api_key, on_reject=server.on_error)
+    return app

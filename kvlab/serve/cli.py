@@ -1,0 +1,173 @@
+"""`kvlab serve` and `kvlab bench serve`: their arguments and what they run.
+
+    kvlab serve --model smollm2-135m [--host 127.0.0.1] [--port 8000] [--api-key KEY] [engine flags]
+    python -m kvlab.serve ...                     # the same, without the `kvlab` entry point
+
+The engine flags are vLLM's names for EngineConfig's fields (--max-num-seqs,
+--max-num-batched-tokens, --block-size, --gpu-memory-utilization, ...). `--port 0` takes a
+free port; the first line the server prints says which (kvlab.serve.launcher reads it).
+SIGTERM (or Ctrl-C) shuts down gracefully: no new connections, running requests finish
+(at most --shutdown-timeout seconds; then they are aborted), the engine loop stops, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+PARENT_PID_ENV = "KVLAB_SERVE_PARENT_PID"     # set by the launcher: exit when that process is gone
+API_KEY_ENV = "KVLAB_API_KEY"                  # --api-key's default: keeps the key out of `ps`
+
+# (flag, EngineConfig field, type, help); a flag left out keeps EngineConfig's default
+ENGINE_FLAGS = [
+    ("--block-size", "block_size", int, "tokens per KV block (default 16)"),
+    ("--num-kv-blocks", "num_kv_blocks", int, "KV blocks in the pool (default: sized from memory)"),
+    ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int, "KV pool size in bytes (CPU default: up to 1 GiB)"),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float, "share of the GPU the engine may fill (0.9)"),
+    ("--max-num-seqs", "max_num_seqs", int, "sequences running at once (default 256)"),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "tokens per engine step (default 2048)"),
+    ("--max-model-len", "max_model_len", int, "longest prompt + output (default: the model's)"),
+    ("--device", "device", str, "cpu or cuda (default: cuda if available)"),
+    ("--dtype", "dtype", str, "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"),
+    ("--attention-backend", "attention_backend", str, "auto, triton or torch"),
+    ("--seed", "seed", int, "seed of unseeded sampling (default 0)"),
+]
+ENGINE_SWITCHES = [
+    ("--enable-prefix-caching", "enable_prefix_caching", "reuse KV blocks of earlier prompts (default on)"),
+    ("--enable-chunked-prefill", "enable_chunked_prefill", "split long prompts across steps (default on)"),
+    ("--enforce-eager", "enforce_eager", "no CUDA graphs (default off)"),
+]
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a kvlab.load_model name, Hugging Face hub id or local dir (default smollm2-135m)")
+    g = p.add_argument_group("engine (EngineConfig; vLLM's flag names)")
+    for flag, dest, type_, help_ in ENGINE_FLAGS:
+        g.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
+    for flag, dest, help_ in ENGINE_SWITCHES:
+        g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineConfig keyword arguments from the engine flags that were given."""
+    names = [dest for _, dest, _, _ in ENGINE_FLAGS] + [dest for _, dest, _ in ENGINE_SWITCHES]
+    kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return {"model": args.model, **kwargs}
+
+
+# ---- kvlab serve ----------------------------------------------------------------------------------
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server around kvlab's engine",
+        description="Serve a model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /health, /metrics). One engine loop serves every connection.")
+    add_serve_arguments(p)
+    return p
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    g.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
+    g.add_argument("--max-waiting-requests", type=int, default=1000,
+                   help="answer 503 with Retry-After once this many requests wait (default 1000)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests may take to finish before they are aborted (30)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--access-log", action="store_true", help="log every HTTP request (default off)")
+
+
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import uvicorn
+
+    from kvlab.engine import EngineConfig, LLMEngine
+    from kvlab.serve.app import build_app
+
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: a port is 0..65535 (0: any free port)")
+    if args.max_waiting_requests < 1:
+        parser.error(f"--max-waiting-requests {args.max_waiting_requests}: must be >= 1")
+    if not args.shutdown_timeout >= 0:
+        parser.error(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0 seconds")
+    try:
+        config = EngineConfig(**engine_kwargs(args))
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    try:                                    # bind first: a busy port fails before a long model load
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.create_server((args.host, args.port), family=family, backlog=2048)
+    except OSError as err:
+        print(f"kvlab serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    print(f"kvlab serve: {url} (loading {args.model})", flush=True)
+    try:
+        engine = LLMEngine(config)
+    except Exception as err:                 # noqa: BLE001 -- a model that cannot load is the user's error
+        print(f"kvlab serve: cannot start the engine: {type(err).__name__}: {err}", file=sys.stderr)
+        sock.close()
+        return 1
+    app = build_app(engine, args.served_model_name or args.model, api_key=args.api_key,
+                    max_waiting_requests=args.max_waiting_requests)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
+                                           timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on"))
+    _exit_with_parent(server)
+    # uvicorn catches SIGTERM/SIGINT while it serves, shuts down gracefully, then re-raises the signal
+    # to the handler that was there before; a Python no-op handler there makes that exit status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    print(f"kvlab serve: serving '{args.served_model_name or args.model}' on {url} "
+          f"(max_model_len {engine.max_model_len}, {engine.allocator.num_blocks} KV blocks)", flush=True)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:                # Ctrl-C: uvicorn re-raises SIGINT after its clean shutdown
+        pass
+    stats = app.state.server.engine.stats
+    print(f"kvlab serve: stopped ({stats.num_aborted} requests aborted since start)", flush=True)
+    return 0
+
+
+def _exit_with_parent(server) -> None:
+    """If a launcher started us (KVLAB_SERVE_PARENT_PID) and then died, shut down instead of lingering."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return
+
+    def watch():
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        server.should_exit = True
+
+    threading.Thread(target=watch, name="kvlab-parent-watch", daemon=True).start()
+
+
+# ---- kvlab bench serve ----------------------------------------------------------------------------
+
+def add_bench_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """`kvlab bench serve`: add to the subparsers of a `bench` command (kvlab.bench.serve runs it)."""
+    from kvlab.bench import serve as bench
+
+    p = subparsers.add_parser("serve", help="load-test an OpenAI-compatible server (latency against rate)",
+                              description=bench.__doc__.split("\n\n")[0])
+    bench.add_arguments(p)
+    return p
+
+
+def cmd_bench_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvlab.bench import serve as bench
+
+    return bench.run_from_args(args, parser)

@@ -1,0 +1,146 @@
+"""kvlab.serve.protocol without a server: what a request body may hold, and how outputs become events.
+
+The HTTP tests (test_serve.py) send these bodies to a real server; here each rule is checked
+on its own, fast, including the ones a client library would never send.
+"""
+
+import json
+
+import pytest
+
+from kvlab.engine import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
+from kvlab.serve.protocol import DONE_EVENT, ApiError, StreamEncoder, final_response, parse_chat, parse_completion
+
+OK = {"model": "m", "prompt": "Hello"}
+
+
+def refusal(parse, body) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse(body)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_defaults_follow_openai():
+    req = parse_completion(OK)
+    p = req.params
+    assert (p.n, p.temperature, p.top_p, p.max_tokens, p.seed, p.stop_strings) == (1, 1.0, 1.0, 16, None, ())
+    assert p.output_kind == RequestOutputKind.FINAL_ONLY and not req.stream
+    chat = parse_chat({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
+    assert chat.params.max_tokens is None                      # chat: until EOS or the model's limit
+    assert req.request_id.startswith("cmpl-") and chat.request_id.startswith("chatcmpl-")
+
+
+def test_fields_reach_sampling_params():
+    req = parse_completion({**OK, "n": 2, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "seed": 3, "max_tokens": 7,
+                            "stop": ["\n", "."], "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}, "user": "u", "presence_penalty": 0})
+    p = req.params
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens) == (2, 0.5, 0.9, 5, 3, 7)
+    assert p.stop_strings == ("\n", ".") and p.ignore_eos and req.include_usage
+    assert p.output_kind == RequestOutputKind.DELTA
+    assert parse_completion({**OK, "prompt": [1, 2, 3]}).prompt == [1, 2, 3]
+    assert parse_completion({**OK, "temperature": None}).params.temperature == 1.0     # null: the default
+    chat = parse_chat({"model": "m", "max_completion_tokens": 9, "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief"}]}]})
+    assert chat.params.max_tokens == 9 and chat.messages == [{"role": "system", "content": "Be brief"}]
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ([1, 2], None, "JSON object"),
+    ({"prompt": "x"}, "model", "'model' is required"),
+    ({"model": "m"}, "prompt", "'prompt' is required"),
+    ({**OK, "max_token": 5}, "max_token", "unknown field 'max_token'"),
+    ({**OK, "n": "2"}, "n", "'n' must be an integer >= 1"),
+    ({**OK, "n": True}, "n", "a JSON bool"),
+    ({**OK, "max_tokens": 2.5}, "max_tokens", "a JSON number"),
+    ({**OK, "max_tokens": -1}, "max_tokens", "max_tokens must be null or an integer >= 1, got -1"),
+    ({**OK, "max_tokens": 0}, "max_tokens", "got 0"),
+    ({**OK, "temperature": -1}, "temperature", "temperature must be a number >= 0"),
+    ({**OK, "temperature": "hot"}, "temperature", "a JSON string"),
+    ({**OK, "top_p": 0}, "top_p", "(0, 1]"),
+    ({**OK, "top_p": 1.5}, "top_p", "(0, 1]"),
+    ({**OK, "n": 0}, "n", "n must be an integer >= 1"),
+    ({**OK, "seed": -3}, "seed", "seed must be null or an integer >= 0"),
+    ({**OK, "stop": ""}, "stop", "non-empty string"),
+    ({**OK, "stop": [1]}, "stop", "non-empty string"),
+    ({**OK, "stream": "yes"}, "stream", "true or false"),
+    ({**OK, "stream_options": {"include_usage": True}}, "stream_options", 'only allowed with "stream": true'),
+    ({**OK, "stream": True, "stream_options": {"usage": True}}, "stream_options", "include_usage"),
+    ({**OK, "logit_bias": {"5": 10}}, "logit_bias", "does not implement"),
+    ({**OK, "logprobs": 0}, "logprobs", "does not implement"),
+    ({**OK, "presence_penalty": 0.5}, "presence_penalty", "does not implement"),
+    ({**OK, "prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ({**OK, "prompt": [1, "a"]}, "prompt", "list of token ids"),
+    ({**OK, "prompt": [1, 2.0]}, "prompt", "list of token ids"),
+    ({**OK, "prompt": {"text": "x"}}, "prompt", "a JSON object"),
+])
+def test_bad_completion_bodies_say_what_is_allowed(body, param, words):
+    err = refusal(parse_completion, body)
+    assert words in err.message and err.param == param
+    assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error", "param": param,
+                                    "code": None}}
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([], "'messages' is empty"),
+    ("Hi", "'messages' must be a non-empty list"),
+    ([{"content": "Hi"}], "messages[0] must be an object with 'role'"),
+    ([{"role": "user", "content": "Hi", "tool_calls": []}], "messages[0] must be an object"),
+    ([{"role": "robot", "content": "Hi"}], "messages[0].role must be one of system, developer, user, assistant"),
+    ([{"role": "user", "content": 5}], "messages[0].content must be a string or a list of text parts"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "text parts"),
+])
+def test_bad_chat_messages(messages, words):
+    assert words in refusal(parse_chat, {"model": "m", "messages": messages}).message
+
+
+def _out(index_texts, finished=False, reason=None, prompt=(5, 6, 7)):
+    """A DELTA RequestOutput with one CompletionOutput per (index, text, token_ids)."""
+    outs = [CompletionOutput(i, text, list(ids), finish_reason=reason) for i, text, ids in index_texts]
+    return RequestOutput("r", None, list(prompt), outs, finished, RequestMetrics(arrival_time=0.0))
+
+
+def _events(data: bytes) -> list:
+    assert data.endswith(b"\n\n")
+    lines = [line for line in data.decode().split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    return [line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def test_stream_encoder_merges_what_arrived_and_counts_usage():
+    req = parse_completion({**OK, "n": 2, "stream": True, "stream_options": {"include_usage": True}})
+    enc = StreamEncoder(req, "m")
+    # two engine steps arrived before the client was served: one event per choice, texts joined
+    events = _events(enc.encode([_out([(0, "Hel", [1]), (1, "A", [2])]), _out([(0, "lo", [3]), (1, "", [4])])]))
+    assert [(e["choices"][0]["index"], e["choices"][0]["text"]) for e in events] == [(0, "Hello"), (1, "A")]
+    assert all(e["usage"] is None and e["object"] == "text_completion" and e["id"] == req.request_id
+               for e in events)
+    assert enc.encode([_out([(0, "", [9])])]) == b""          # a token with no text yet: nothing to send
+    last = _events(enc.encode([_out([(0, "!", [5]), (1, "B", [6])], finished=True, reason="length")]))
+    assert [c["choices"][0]["finish_reason"] for c in last] == ["length", "length"]
+    tail = _events(enc.close())
+    assert tail[-1] == "[DONE]" and tail[0]["choices"] == []
+    assert tail[0]["usage"] == {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}
+
+
+def test_chat_stream_sends_the_role_first_then_content():
+    req = parse_chat({"model": "m", "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
+    enc = StreamEncoder(req, "m")
+    first = _events(enc.encode([_out([(0, "", [1])])]))       # no text yet, but the role goes out
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first[0]["object"] == "chat.completion.chunk" and "usage" not in first[0]
+    second = _events(enc.encode([_out([(0, "Hey", [2])], finished=True, reason="stop")]))
+    assert second[0]["choices"][0] == {"index": 0, "delta": {"content": "Hey"}, "logprobs": None,
+                                       "finish_reason": "stop"}
+    assert enc.close() == DONE_EVENT
+
+
+def test_final_response_shapes():
+    out = _out([(0, "Hi there", [1, 2]), (1, "Yo", [3])], finished=True, reason="length")
+    done = final_response(parse_completion(OK), out, "m")
+    assert done["object"] == "text_completion" and [c["text"] for c in done["choices"]] == ["Hi there", "Yo"]
+    assert done["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    chat = final_response(parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]}), out, "m")
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hi there"}
