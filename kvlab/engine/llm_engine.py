@@ -147,11 +147,13 @@ class LLMEngine:
     # ------------------------------------------------------------------ internals
     def _process_outputs(self, out, result, finished: list[Sequence]) -> list[RequestOutput]:
         now = time.perf_counter()
-        touched: dict[str, Request] = {}
+        touched: dict[str, Request] = {}                  # requests that have something to report
+        final_only = RequestOutputKind.FINAL_ONLY
         for seq, token in result.sampled.items():
             request = seq.request
-            touched[request.request_id] = request
-            if seq in result.logprobs:
+            if request.params.output_kind is not final_only:
+                touched[request.request_id] = request
+            if result.logprobs and seq in result.logprobs:
                 chosen, tops = result.logprobs[seq]
                 seq.cumulative_logprob += chosen
                 seq.logprobs.append({token: chosen, **tops})
@@ -160,7 +162,10 @@ class LLMEngine:
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
-            self._detokenize(seq)
+            if self.tokenizer is not None:
+                self._detokenize(seq)
+                if seq.finished:
+                    touched[request.request_id] = request     # a stop string ended it
         for seq in finished:
             touched[seq.request.request_id] = seq.request
         outputs = []

@@ -122,12 +122,13 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         # 1. decodes, oldest first; preempt the newest when blocks run out
+        plenty = self.allocator.num_free_blocks >= len(self.running)    # each append takes <= 1 block
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_allocated > 0:
                 continue                                   # preempted above, or still prefilling (step 2)
             if budget == 0:
                 break
-            while not self.allocator.can_append(seq.seq_id):
+            while not plenty and not self.allocator.can_append(seq.seq_id):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -178,7 +179,8 @@ class Scheduler:
         for item in output.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
-            self.allocator.mark_computed(seq.seq_id, seq.num_computed_tokens)
+            if self.allocator.enable_prefix_caching:       # register the blocks this step filled
+                self.allocator.mark_computed(seq.seq_id, seq.num_computed_tokens)
             for child in item.children:                   # n > 1: the prompt is in the cache, share it
                 self.allocator.fork(seq.seq_id, child.seq_id)
                 child.num_computed_tokens = child.num_allocated_tokens = seq.num_computed_tokens
@@ -296,7 +298,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _stop_reason(self, seq: Sequence) -> tuple[str, int | None] | None:
-        params = seq.params
+        params = seq.request.params
         token = seq.token_ids[-1]
         if not params.ignore_eos and self.eos_token_id is not None and token == self.eos_token_id:
             return "stop", None
