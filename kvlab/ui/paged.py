@@ -4,9 +4,14 @@
     draw_mapping(alloc, seq_ids)    logical blocks of each sequence -> their physical blocks
     replay_ops(ops, ...)            a fresh BlockAllocator after a list of operations
     AllocatorStepper(ops, ...)      ipywidgets app: step through allocate/append/fork/free
+    plot_blocks_in_use(runs, ax)    blocks in use per engine step, one line per replayed trace
+    plot_prefill_work(runs, ax)     prompt tokens computed vs supplied by the prefix cache, per trace
+    plot_replay(stats, ...)         requests running and blocks in use per step of one trace
 
 Operations are tuples: ("allocate", seq, n_tokens or token ids), ("append", seq, n),
-("fork", parent, child), ("free", seq). Everything shown is read from the allocator.
+("fork", parent, child), ("free", seq); `check_op` / `check_ops` refuse anything else with
+a message that names the operation. Everything drawn is read from the allocator, or from
+the `TraceStats` of `kvlab.engine.replay`.
 """
 
 from __future__ import annotations
@@ -124,7 +129,9 @@ def slot_ranges(slots: Sequence[int]) -> str:
 
 
 def apply_op(alloc: BlockAllocator, op: tuple, token: int = 0) -> str:
-    """Do one operation; return a line saying what happened."""
+    """Do one operation; return a line saying what happened. A malformed operation raises
+    TypeError/ValueError (from `check_op`) before the allocator is touched."""
+    op = check_op(op)
     kind = op[0]
     if kind == "allocate":
         _, s, toks = op
@@ -146,11 +153,14 @@ def apply_op(alloc: BlockAllocator, op: tuple, token: int = 0) -> str:
         table = alloc.block_table(s)
         alloc.free_sequence(s)
         return f"free {s}: blocks {table} back to the free queue"
-    raise ValueError(f"unknown operation {kind!r}; use allocate, append, fork or free")
+    raise AssertionError(f"check_op let {op!r} through")      # unreachable: check_op knows every kind
 
 
 def replay_ops(ops: Sequence[tuple], num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
                free_order: Sequence[int] | None = None) -> tuple[BlockAllocator, list[str]]:
+    """A fresh allocator after the operations, and the line each one printed. Every operation is
+    checked (`check_ops`) before the first one runs."""
+    ops = check_ops(ops)
     alloc = BlockAllocator(num_blocks, block_size, enable_prefix_caching, free_order=free_order)
     return alloc, [apply_op(alloc, op) for op in ops]
 
@@ -176,24 +186,109 @@ def draw_steps(ops: Sequence[tuple], steps: Sequence[int], num_blocks: int, bloc
     return fig
 
 
+def plot_blocks_in_use(runs: dict, ax=None, title: str = "KV memory in use"):
+    """One line per replayed trace (label -> kvlab.engine.replay.TraceStats): blocks in use
+    after each engine step's scheduling."""
+    ax = ax or plt.gca()
+    for i, (label, stats) in enumerate(runs.items()):
+        ax.plot(stats.used_blocks, color=PALETTE[i % len(PALETTE)], label=label)
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("blocks in use")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_prefill_work(runs: dict, ax=None, title: str = "prompt tokens: computed or from the prefix cache"):
+    """Horizontal stacked bars, one per trace (label -> TraceStats): prompt tokens the forward
+    passes computed (recomputation included) and those the prefix cache supplied; the hit rate
+    is written at the end of each bar."""
+    ax = ax or plt.gca()
+    labels = list(runs)
+    y = range(len(labels))
+    computed = [runs[k].prefill_tokens for k in labels]
+    cached = [runs[k].cached_tokens for k in labels]
+    ax.barh(y, computed, color=PALETTE[0], label="computed (prefilled)")
+    ax.barh(y, cached, left=computed, color=PALETTE[2], label="from the prefix cache")
+    for i, k in enumerate(labels):
+        ax.text(runs[k].prompt_tokens, i, f" {runs[k].hit_rate:.0%}", va="center", fontsize=8)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("prompt tokens admitted")
+    ax.set_xlim(0, max(runs[k].prompt_tokens for k in labels) * 1.15)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)   # below: clear of the bars
+    return ax
+
+
+def plot_replay(stats, num_blocks: int, slab: int | None = None, ax=None, title: str | None = None):
+    """One replayed trace (TraceStats) over its engine steps: requests running (left axis, with
+    their median, and `slab`, the requests a contiguous reservation fits) and blocks in use
+    (right axis, out of num_blocks). One legend lists every line of both axes."""
+    import statistics
+
+    ax = ax or plt.gca()
+    running = list(stats.running)
+    ax.plot(running, color=PALETTE[0], lw=1, label="paged: requests running")
+    median = statistics.median(running)
+    ax.axhline(median, color=PALETTE[0], ls=":", lw=1.2, label=f"paged: median, {median:g} requests")
+    if slab is not None:
+        ax.axhline(slab, color="gray", ls="--", label=f"contiguous: {slab} requests fit")
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("requests running")
+    ax.set_ylim(0, max(running + [slab or 0]) * 1.1)
+    right = ax.twinx()
+    right.plot(stats.used_blocks, color=PALETTE[1], alpha=0.6, lw=1, label="paged: blocks in use (right axis)")
+    right.set_ylim(0, num_blocks * 1.05)
+    right.set_ylabel(f"blocks in use (of {num_blocks})")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper right")
+    ax.set_title(title or f"{stats.num_requests} requests, {stats.preemptions} preemptions", fontsize=10)
+    return ax, right
+
+
 OP_ARITY = {"allocate": 3, "append": 3, "fork": 3, "free": 2}   # tuple length of each operation
+OP_USAGE = "allocate: seq, n_tokens or token ids; append: seq, n; fork: parent, child; free: seq"
+
+
+def _count(value) -> bool:
+    """A whole number of tokens >= 1 (bools are refused: True is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_op(op, where: str = "op") -> tuple:
+    """One operation as a tuple, or TypeError/ValueError saying what is wrong with it (`where`
+    names it in the message: "op", "ops[3]"). Checked: a known kind, the right number of
+    arguments, hashable sequence ids, token counts that are whole numbers >= 1, token ids given
+    as a list or tuple. What depends on the allocator's state (a sequence that does not exist,
+    running out of blocks) is the allocator's to refuse when the operation runs."""
+    if not isinstance(op, (tuple, list)) or not op:
+        raise TypeError(f"{where} must be a tuple such as ('allocate', 'A', 6), got {op!r}")
+    kind = op[0]
+    if not isinstance(kind, str) or kind not in OP_ARITY:
+        raise ValueError(f"{where} = {op!r}: unknown operation {kind!r}; use allocate, append, fork or free")
+    if len(op) != OP_ARITY[kind]:
+        raise ValueError(f"{where} = {op!r}: {kind!r} takes {OP_ARITY[kind] - 1} arguments ({OP_USAGE})")
+    op = tuple(op)
+    for seq in (op[1:] if kind == "fork" else op[1:2]):
+        try:
+            hash(seq)
+        except TypeError:
+            raise TypeError(f"{where} = {op!r}: a sequence id must be hashable (a str, an int, a tuple), "
+                            f"got {type(seq).__name__}") from None
+    if kind == "allocate" and not (_count(op[2]) or (isinstance(op[2], (tuple, list)) and op[2])):
+        raise ValueError(f"{where} = {op!r}: allocate takes a number of tokens >= 1 or a non-empty list of "
+                         f"token ids, got {op[2]!r}")
+    if kind == "append" and not _count(op[2]):
+        raise ValueError(f"{where} = {op!r}: append takes a number of tokens >= 1, got {op[2]!r}")
+    return op
 
 
 def check_ops(ops) -> list[tuple]:
-    """ops as a list of tuples, each a known operation of the right length (TypeError/ValueError)."""
+    """ops as a list of tuples, each checked by `check_op` (TypeError/ValueError naming ops[i])."""
     if isinstance(ops, (str, bytes)) or not isinstance(ops, Sequence):
         raise TypeError(f"ops must be a list of operations such as ('allocate', 'A', 6), got {type(ops).__name__}")
-    out = []
-    for i, op in enumerate(ops):
-        if not isinstance(op, (tuple, list)) or not op:
-            raise TypeError(f"ops[{i}] must be a tuple such as ('allocate', 'A', 6), got {op!r}")
-        if op[0] not in OP_ARITY:
-            raise ValueError(f"ops[{i}] = {op!r}: unknown operation {op[0]!r}; use allocate, append, fork or free")
-        if len(op) != OP_ARITY[op[0]]:
-            raise ValueError(f"ops[{i}] = {op!r}: {op[0]!r} takes {OP_ARITY[op[0]] - 1} arguments "
-                             f"(allocate: seq, n_tokens or token ids; append: seq, n; fork: parent, child; free: seq)")
-        out.append(tuple(op))
-    return out
+    return [check_op(op, f"ops[{i}]") for i, op in enumerate(ops)]
 
 
 class AllocatorStepper:
