@@ -48,10 +48,7 @@ SANITIZE = get_sanitize_patterns((ROOT / "tests" / "nbval_sanitize.cfg").read_te
 # Checked cells of notebooks owned by other engineers that failed this check when it was written.
 # strict: once the owner fixes the cell, the test passes, xfail turns that into a failure, and the
 # entry must go. Each entry says who owns the notebook and what was found.
-KNOWN_FAILURES: dict[str, str] = {
-    "05_paged_allocator.ipynb": "owner: lead engineer. Cell 12 (nbval Cell 6) prints 'max |paged - contiguous| "
-                                "= 1.9e-06' (an error magnitude in e-notation); print it against a tolerance",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\.\d)")
 TOLERANCE_WORDS = re.compile(r"(?:\bwithin|\bto|<=?|>=?|≤|≥|\btol(?:erance)?|\batol|\brtol|\bbelow|\bunder|\babove|"
