@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvlab.engine import LLM, SamplingParams
@@ -27,6 +28,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_TOKENS = 16
 PROMPTS = [f"Client {i} asks: " + "tell me more about the cache " * (i % 7) for i in range(64)]
 TIMEOUT = httpx.Timeout(120.0)
+ONE_THREAD = ["--torch-threads", "1"]    # the tiny model is fastest on one core; CI has two to share
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +36,19 @@ def served():
     """(server, references): a server with --api-key and room for 64 sequences, and each prompt's
     answer when it runs alone offline (token-for-token what the server must send back)."""
     server = ServerProcess(["--model", MODEL, "--api-key", KEY, "--max-num-seqs", "64",
-                            "--max-num-batched-tokens", "512"]).launch()
+                            "--max-num-batched-tokens", "512", *ONE_THREAD]).launch()
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
         llm = LLM(model=MODEL, max_num_seqs=1, max_num_batched_tokens=512)
         greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
         references = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].text for p in PROMPTS]
         del llm
+        torch.set_num_threads(threads)
         server.wait_ready()
         yield server, references
     finally:
+        torch.set_num_threads(threads)
         server.close()
 
 
@@ -225,7 +231,7 @@ def test_api_key(served):
 def small_server():
     """One running sequence at a time, one waiting at most; 60 s for running requests on SIGTERM."""
     with ServerProcess(["--model", MODEL, "--max-num-seqs", "1", "--max-num-batched-tokens", "64",
-                        "--max-waiting-requests", "1", "--shutdown-timeout", "60"]) as server:
+                        "--max-waiting-requests", "1", "--shutdown-timeout", "60", *ONE_THREAD]) as server:
         yield server
 
 
@@ -269,7 +275,7 @@ def test_full_queue_gets_503_with_retry_after_and_sigterm_finishes_running_reque
 
 
 def test_sigterm_aborts_what_cannot_finish_in_the_shutdown_timeout():
-    with ServerProcess(["--model", MODEL, "--shutdown-timeout", "0"]) as server:
+    with ServerProcess(["--model", MODEL, "--shutdown-timeout", "0", *ONE_THREAD]) as server:
         async def main():
             async with httpx.AsyncClient(timeout=TIMEOUT) as client:
                 body = {"model": MODEL, "prompt": "Forever:", "max_tokens": 1000, "ignore_eos": True}

@@ -1,7 +1,8 @@
 """kvlab.serve: the engine behind an OpenAI-compatible HTTP server (`kvlab serve`).
 
     protocol.py      request bodies checked field by field; responses, stream chunks, errors
-    async_engine.py  AsyncEngine: the one engine loop (a thread) that every connection shares
+    engine_core.py   the one engine loop, in a process of its own (vLLM v1's EngineCore)
+    async_engine.py  AsyncEngine: the server's handle on it, shared by every connection
     metrics.py       GET /metrics: live engine state and latency histograms, Prometheus text
     app.py           the Starlette app: routes, streaming, disconnect -> abort, API key
     cli.py           `kvlab serve` / `kvlab bench serve` arguments; uvicorn, graceful SIGTERM

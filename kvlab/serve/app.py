@@ -7,7 +7,7 @@
     GET  /metrics               Prometheus text (kvlab.serve.metrics)
 
 A generation request goes: read and check the body (kvlab.serve.protocol) -> tokenize on
-the tokenizer thread -> `AsyncEngine.add_request` (the engine thread takes it between two
+the tokenizer thread -> `AsyncEngine.add_request` (the engine core takes it between two
 steps, or refuses it) -> an `EngineResponse` that sends the outputs as they arrive. The
 response also listens for the client going away: a disconnect before the request finished
 aborts it in the engine, which frees its KV blocks at the next step boundary.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import hmac
 import json
@@ -36,7 +35,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvlab.engine import LLMEngine
 from kvlab.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from kvlab.serve.metrics import CONTENT_TYPE, ServerMetrics
 from kvlab.serve.protocol import ApiError, GenerateRequest, StreamEncoder, final_response, parse_chat, parse_completion
@@ -49,18 +47,18 @@ REJECT_REASONS = {400: "invalid", 401: "unauthorized", 404: "unknown_model", 413
 
 
 class OpenAIServer:
-    """The state behind the routes: the engine loop, the metrics, a tokenizer of its own."""
+    """The state behind the routes: the engine, the metrics, the tokenizer."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, max_waiting_requests: int = 1000):
-        self.engine = AsyncEngine(engine, max_waiting_requests)
-        self.metrics = ServerMetrics(self.engine)
-        self.engine.on_finished = self.metrics.observe_finished
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.engine = engine
+        self.metrics = ServerMetrics(engine)
+        engine.on_finished = self.metrics.observe_finished
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
         self.created = int(time.time())
-        # The engine thread detokenizes with engine.tokenizer; prompts are tokenized here, on one
-        # thread of our own with a copy of it, so that a long prompt never stalls a step.
-        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        # Prompts are tokenized here (the engine core detokenizes), on a thread of their own so
+        # that a long prompt does not hold up the event loop. None: the engine takes token ids only.
+        self.tokenizer = engine.tokenizer
         self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvlab-tokenizer")
 
     # ------------------------------------------------------------------ generation
@@ -84,6 +82,9 @@ class OpenAIServer:
 
     def prompt_token_ids(self, req: GenerateRequest) -> list[int]:
         """Token ids of the prompt: the chat template for chat, the tokenizer for text (as LLM.generate)."""
+        if self.tokenizer is None and (req.endpoint == "chat" or isinstance(req.prompt, str)):
+            raise ApiError(400, "this server runs without a tokenizer (--skip-tokenizer-init): send the prompt to "
+                                "/v1/completions as a list of token ids", param="prompt")
         if req.endpoint == "chat":
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ApiError(400, f"the model '{self.model_name}' has no chat template; use /v1/completions",
@@ -224,11 +225,11 @@ class ApiKeyAuth:
         return same and scheme.lower() == b"bearer"
 
 
-def build_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None,
-              max_waiting_requests: int = 1000) -> Starlette:
-    """The ASGI app serving `engine` as `model_name`. The engine loop starts with the app (lifespan
-    startup) and stops with it: requests still in the engine are then aborted."""
-    server = OpenAIServer(engine, model_name, max_waiting_requests)
+def build_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None) -> Starlette:
+    """The ASGI app serving `engine` (AsyncEngine.launch) as `model_name`. The app's start starts
+    the threads that talk to the engine core; its end stops the core: requests still in the
+    engine are then aborted."""
+    server = OpenAIServer(engine, model_name)
 
     async def completions(request: Request):
         return await server.generate(request, parse_completion)

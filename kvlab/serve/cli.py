@@ -42,6 +42,8 @@ ENGINE_SWITCHES = [
     ("--enable-prefix-caching", "enable_prefix_caching", "reuse KV blocks of earlier prompts (default on)"),
     ("--enable-chunked-prefill", "enable_chunked_prefill", "split long prompts across steps (default on)"),
     ("--enforce-eager", "enforce_eager", "no CUDA graphs (default off)"),
+    ("--skip-tokenizer-init", "skip_tokenizer_init", "token ids in and out, no text (default: only when the "
+                                                     "model has no tokenizer)"),
 ]
 
 
@@ -53,13 +55,55 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
     for flag, dest, help_ in ENGINE_SWITCHES:
         g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    g.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads for torch's operators (default: torch's choice). On a small or shared CPU, "
+                        "1 can be much faster: threads that wait for each other stall every step")
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    """EngineConfig keyword arguments from the engine flags that were given."""
+def engine_kwargs(args: argparse.Namespace, model=None) -> dict:
+    """EngineConfig (and kvlab.LLM) keyword arguments from the engine flags that were given; the
+    others keep their defaults. With a LoadedModel that has no tokenizer (smollm2-135m-random on a
+    machine without its tokenizer files), the engine runs on token ids unless
+    --no-skip-tokenizer-init says otherwise."""
     names = [dest for _, dest, _, _ in ENGINE_FLAGS] + [dest for _, dest, _ in ENGINE_SWITCHES]
     kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    return {"model": args.model, **kwargs}
+    if model is not None and model.tokenizer is None:
+        kwargs.setdefault("skip_tokenizer_init", True)
+    return {"model": args.model if model is None else model, **kwargs}
+
+
+def engine_config(args: argparse.Namespace, model=None):
+    from kvlab.engine import EngineConfig
+
+    return EngineConfig(**engine_kwargs(args, model))
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags that were given, as a command line again (for a server in a child process)."""
+    argv = ["--model", str(args.model)]
+    for flag, dest, _, _ in ENGINE_FLAGS:
+        if getattr(args, dest, None) is not None:
+            argv += [flag, str(getattr(args, dest))]
+    for flag, dest, _ in ENGINE_SWITCHES:
+        if getattr(args, dest, None) is not None:
+            argv.append(flag if getattr(args, dest) else "--no-" + flag[2:])
+    if getattr(args, "torch_threads", None) is not None:
+        argv += ["--torch-threads", str(args.torch_threads)]
+    return argv
+
+
+def apply_torch_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "torch_threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+
+
+def load_engine_model(args: argparse.Namespace):
+    """kvlab.load_model for --model on --device in --dtype."""
+    from kvlab.model.loading import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 # ---- kvlab serve ----------------------------------------------------------------------------------
@@ -92,8 +136,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvicorn
 
-    from kvlab.engine import EngineConfig, LLMEngine
     from kvlab.serve.app import build_app
+    from kvlab.serve.async_engine import AsyncEngine
 
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: a port is 0..65535 (0: any free port)")
@@ -101,11 +145,14 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--max-waiting-requests {args.max_waiting_requests}: must be >= 1")
     if not args.shutdown_timeout >= 0:
         parser.error(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0 seconds")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error(f"--torch-threads {args.torch_threads}: must be >= 1")
     try:
-        config = EngineConfig(**engine_kwargs(args))
+        engine_config(args)                  # every flag checked before anything loads
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    raise_open_file_limit()
 
     try:                                    # bind first: a busy port fails before a long model load
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -116,14 +163,16 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"kvlab serve: {url} (loading {args.model})", flush=True)
-    try:
-        engine = LLMEngine(config)
-    except Exception as err:                 # noqa: BLE001 -- a model that cannot load is the user's error
-        print(f"kvlab serve: cannot start the engine: {type(err).__name__}: {err}", file=sys.stderr)
+    try:                                     # the engine core loads the model in its own process
+        engine = AsyncEngine.launch(args, args.max_waiting_requests)
+    except RuntimeError as err:
+        print(f"kvlab serve: {err}", file=sys.stderr)
         sock.close()
         return 1
-    app = build_app(engine, args.served_model_name or args.model, api_key=args.api_key,
-                    max_waiting_requests=args.max_waiting_requests)
+    if engine.tokenizer is None:
+        print("kvlab serve: no tokenizer: prompts are token ids, answers are token ids "
+              "(ask for them with 'return_token_ids': true)", flush=True)
+    app = build_app(engine, args.served_model_name or args.model, api_key=args.api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on"))
     _exit_with_parent(server)
@@ -131,7 +180,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # to the handler that was there before; a Python no-op handler there makes that exit status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     print(f"kvlab serve: serving '{args.served_model_name or args.model}' on {url} "
-          f"(max_model_len {engine.max_model_len}, {engine.allocator.num_blocks} KV blocks)", flush=True)
+          f"(max_model_len {engine.max_model_len}, {engine.stats.num_blocks} KV blocks)", flush=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:                # Ctrl-C: uvicorn re-raises SIGINT after its clean shutdown
@@ -139,6 +188,19 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     stats = app.state.server.engine.stats
     print(f"kvlab serve: stopped ({stats.num_aborted} requests aborted since start)", flush=True)
     return 0
+
+
+def raise_open_file_limit() -> None:
+    """One connection is one file descriptor: lift the soft limit (often 1024) to the hard one, as
+    vLLM's server and benchmark do, so that a thousand concurrent clients fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _exit_with_parent(server) -> None:

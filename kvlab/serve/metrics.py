@@ -2,7 +2,7 @@
 
 Two kinds of numbers, as in vLLM's server (whose metric names these follow, `vllm:` -> `kvlab:`):
 
-  live state, read from the engine thread's last `EngineStats` at every scrape:
+  live state, from the last `EngineStats` the engine core sent (after every step):
     kvlab:num_requests_running      gauge    requests in the running batch
     kvlab:num_requests_waiting      gauge    requests queued for admission
     kvlab:kv_cache_used_blocks      gauge    KV blocks held by live sequences (0 when idle)
@@ -87,7 +87,7 @@ class ServerMetrics:
 
 
 class _LiveState:
-    """A collector that reads the engine thread's last published EngineStats at scrape time."""
+    """A collector that reads the engine core's last EngineStats at scrape time."""
 
     def __init__(self, async_engine, metrics: ServerMetrics):
         self.async_engine = async_engine

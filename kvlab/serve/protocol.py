@@ -84,6 +84,8 @@ SAMPLING_FIELDS = {
     "user": Field(("string", "null"), "a string (kvlab records it nowhere)"),
     "top_k": Field(("int", "null"), "an integer >= 1, or 0 / -1 for no limit (a vLLM extension)"),
     "ignore_eos": Field(("bool", "null"), "true or false (a vLLM extension: keep going past EOS)"),
+    "return_token_ids": Field(("bool", "null"), "true or false (a vLLM extension: each choice also carries "
+                                                "its token ids)"),
 }
 COMPLETION_FIELDS = SAMPLING_FIELDS | {
     "prompt": Field(("string", "array"), "a non-empty string, or a list of token ids", required=True),
@@ -141,6 +143,7 @@ class GenerateRequest:
     params: SamplingParams                 # output_kind DELTA when streaming, FINAL_ONLY otherwise
     stream: bool = False
     include_usage: bool = False            # stream_options.include_usage: a last chunk with the token counts
+    return_token_ids: bool = False         # each choice (and each chunk) also carries its token ids
     prompt: str | list[int] | None = None  # completions: text or token ids
     messages: list[dict] | None = None     # chat: role/content messages (content as text)
     request_id: str = ""
@@ -217,7 +220,8 @@ def _generate_request(endpoint: str, f: dict, default_max_tokens: int | None) ->
         name = message.split()[0]
         raise ApiError(400, message, param=name if name in SAMPLING_FIELDS else None) from None
     return GenerateRequest(endpoint, f["model"], params, stream=stream,
-                           include_usage=options.get("include_usage", False))
+                           include_usage=options.get("include_usage", False),
+                           return_token_ids=f.get("return_token_ids", False))
 
 
 # ---- responses ----------------------------------------------------------------------------------
@@ -232,10 +236,13 @@ def final_response(req: GenerateRequest, out: RequestOutput, model: str) -> dict
     choices = []
     for o in out.outputs:
         if req.endpoint == "chat":
-            choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
-                            "logprobs": None, "finish_reason": o.finish_reason})
+            choice = {"index": o.index, "message": {"role": "assistant", "content": o.text},
+                      "logprobs": None, "finish_reason": o.finish_reason}
         else:
-            choices.append({"index": o.index, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason})
+            choice = {"index": o.index, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+        if req.return_token_ids:
+            choice["token_ids"] = list(o.token_ids)
+        choices.append(choice)
     completion_tokens = sum(len(o.token_ids) for o in out.outputs)
     return {"id": req.request_id, "object": "chat.completion" if req.endpoint == "chat" else "text_completion",
             "created": req.created, "model": model, "choices": choices,
@@ -261,20 +268,25 @@ class StreamEncoder:
         self.role_sent: set[int] = set()
 
     def encode(self, outputs: list[RequestOutput]) -> bytes:
-        merged: dict[int, list] = {}                  # choice index -> [text, finish_reason]
+        merged: dict[int, list] = {}                  # choice index -> [text, finish_reason, token ids]
         for out in outputs:
             self.prompt_tokens = len(out.prompt_token_ids)
             for o in out.outputs:
                 self.completion_tokens += len(o.token_ids)
-                m = merged.setdefault(o.index, ["", None])
+                m = merged.setdefault(o.index, ["", None, []])
                 m[0] += o.text
                 m[1] = o.finish_reason or m[1]
+                m[2] += o.token_ids
         events = []
         for index in sorted(merged):
-            text, finish = merged[index]
-            if not text and finish is None and (self.req.endpoint != "chat" or index in self.role_sent):
+            text, finish, ids = merged[index]
+            news = text or (ids and self.req.return_token_ids) or finish is not None
+            if not news and (self.req.endpoint != "chat" or index in self.role_sent):
                 continue                              # a token that added no text yet (a partial character)
-            events.append(self.event(self._choice(index, text, finish)))
+            choice = self._choice(index, text, finish)
+            if self.req.return_token_ids:
+                choice["token_ids"] = ids
+            events.append(self.event(choice))
         return b"".join(events)
 
     def abort(self, indices: range) -> bytes:
