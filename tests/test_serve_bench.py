@@ -1,0 +1,74 @@
+"""kvlab.bench.serve: the requests it draws, the statistics it reports, and one small real run.
+
+The statistics are checked against numpy on hand-made results; the real run (tiny model,
+a server in a child process, then LLM.generate offline) checks that every request came back
+with exactly the tokens it asked for, counted by both sides.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from kvlab.bench import serve as bench
+from kvlab.bench.serve import RequestResult, make_requests, summarize
+
+
+def test_requests_are_seeded_and_prefix_stable():
+    a = make_requests(300, "sharegpt", max_len=1024, seed=3)
+    b = make_requests(600, "sharegpt", max_len=1024, seed=3)
+    assert [(r.prompt_token_ids, r.output_len) for r in a] == [(r.prompt_token_ids, r.output_len) for r in b[:300]]
+    assert all(1 <= len(r.prompt_token_ids) and len(r.prompt_token_ids) + r.output_len <= 1024 for r in b)
+    assert all(1000 <= t < 20000 for r in b for t in r.prompt_token_ids)
+    assert make_requests(5, seed=4)[0].prompt_token_ids != make_requests(5, seed=3)[0].prompt_token_ids
+    alpaca = make_requests(512, "alpaca")
+    assert np.mean([r.output_len for r in alpaca]) < np.mean([r.output_len for r in b])
+
+
+def test_summary_statistics_against_numpy():
+    results = [RequestResult(True, 10, output_len=5, ttft=0.1, e2e=0.5, itl=[0.1] * 4),
+               RequestResult(True, 20, output_len=3, ttft=0.3, e2e=1.3, itl=[0.5, 0.5]),
+               RequestResult(True, 30, output_len=1, ttft=2.0, e2e=2.0),
+               RequestResult(False, 40, error="HTTP 503: queue full")]
+    s = summarize(results, duration=4.0, slo_ttft_ms=500, slo_tpot_ms=200)
+    assert (s["completed"], s["failed"], s["errors"]) == (3, 1, ["HTTP 503: queue full"])
+    assert (s["input_tokens"], s["output_tokens"]) == (60, 9)
+    assert s["request_throughput"] == 3 / 4 and s["output_throughput"] == 9 / 4
+    assert s["ttft_ms"]["p50"] == pytest.approx(300) and s["ttft_ms"]["p90"] == pytest.approx(np.percentile([100, 300, 2000], 90))
+    assert s["tpot_ms"]["mean"] == pytest.approx((100 + 500) / 2)          # the 1-token request has no TPOT
+    assert s["itl_ms"]["p50"] == pytest.approx(100) and s["itl_ms"]["p99"] == pytest.approx(np.percentile([100] * 4 + [500] * 2, 99))
+    assert s["normalized_latency_ms_per_token"] == pytest.approx(np.mean([100, 1300 / 3, 2000]))
+    # goodput: request 1 meets both targets; request 2 misses TPOT (500 > 200); request 3 misses TTFT
+    assert s["goodput"]["requests_per_s"] == 1 / 4 and s["goodput"]["fraction"] == 1 / 4
+
+
+def test_a_small_run_end_to_end(tmp_path):
+    out = tmp_path / "serve.json"
+    argv = ["--model", "tiny-llama-random", "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
+            "--torch-threads", "1", "--dataset", "alpaca", "--max-len", "256", "--num-prompts", "12",
+            "--rates", "inf", "20", "--warmup", "2", "--quiet", "--out", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    asked = sum(r.output_len for r in make_requests(12, "alpaca", 256))
+    inf, twenty = result["runs"]
+    assert (inf["rate"], twenty["rate"]) == ("inf", 20.0)
+    for run in (inf, twenty):
+        assert run["completed"] == 12 and run["failed"] == 0 and run["output_tokens"] == asked
+        assert run["server"]["engine_steps"] > 0
+    assert result["offline"]["output_tokens"] == asked and result["server_exit_status"] == 0
+    comparison = result["server_vs_offline"]
+    assert comparison["throughput_ratio"] == pytest.approx(inf["output_throughput"]
+                                                           / result["offline"]["output_throughput"])
+    assert math.isfinite(comparison["added_median_tpot_ms"])
+    assert result["environment"]["python"] and result["environment"]["date"]
+    fig = bench.plot_latency_vs_rate(result)
+    assert len(fig.axes) == 3
+
+
+def test_bad_arguments_are_usage_errors(capsys):
+    for argv in (["--rates", "auto", "5"], ["--rates", "0"], ["--rates", "fast"], ["--num-prompts", "0"]):
+        with pytest.raises(SystemExit) as info:
+            bench.main(argv)
+        assert info.value.code == 2
+    assert "a rate must be > 0" in capsys.readouterr().err
