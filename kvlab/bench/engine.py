@@ -291,8 +291,9 @@ def measure(name: str, fn, requests, warmup_extra: float = 0.0, warm_subset: int
 
 
 def run_workload(workload: str, systems: list[str], lm, subset_slow: int | None = None,
-                 num_requests: int | None = None) -> dict:
-    """num_requests: only the first N requests of the workload (smoke tests)."""
+                 num_requests: int | None = None, checkpoint=None) -> dict:
+    """num_requests: only the first N requests of the workload (smoke tests); checkpoint: called
+    with the results so far after each system (a run cut short keeps what it measured)."""
     w = WORKLOADS[workload]
     requests = make_requests(workload, lm.spec.vocab_size, lm.tokenizer if w["device"] == "cpu" else None)
     requests = requests[:num_requests] if num_requests else requests
@@ -334,6 +335,12 @@ def run_workload(workload: str, systems: list[str], lm, subset_slow: int | None 
         r = runs[system]
         print(f"[{workload}] {system}: {r.tokens_per_s:,.0f} tok/s ({r.tokens} tokens in {r.wall:.2f} s; "
               f"warm-up {r.warmup:.1f} s)", flush=True)
+        if checkpoint is not None:
+            checkpoint(_workload_result(requests, w, runs))
+    return _workload_result(requests, w, runs)
+
+
+def _workload_result(requests, w, runs: dict) -> dict:
     out = {"requests": len(requests), "prompt_tokens": sum(len(p) for p, _ in requests),
            "generated_tokens": sum(n for _, n in requests), "spec": w,
            "systems": {k: {**v.summary(), **({"engine_steps": v.__dict__["engine_steps"]}
@@ -522,7 +529,13 @@ def main(argv=None) -> int:
 
             lm = kvlab.load_model("smollm2-135m", device="cpu", dtype="float32")
         systems = args.systems or (GPU_SYSTEMS if device == "cuda" else CPU_SYSTEMS)
-        result["workloads"][workload] = run_workload(workload, systems, lm, args.subset_slow)
+        def checkpoint(partial, workload=workload):
+            result["workloads"][workload] = partial
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=1))
+
+        result["workloads"][workload] = run_workload(workload, systems, lm, args.subset_slow, checkpoint=checkpoint)
         result["workloads"][workload]["model"] = lm.name
         if args.out:                                  # keep what is done if a later workload fails
             args.out.parent.mkdir(parents=True, exist_ok=True)
