@@ -300,16 +300,18 @@ def test_launcher_never_reads_outside_the_table_or_the_pool():
     finite answer, never a crash. Run in a child process so that a crash fails only this test."""
     code = """
 import torch, kvlab.kernels as K
-q, kc = torch.randn(2, 4, 16), torch.randn(3, 16, 2, 16)
+dev = "cuda" if torch.cuda.is_available() else "cpu"      # the CPU runs the kernels interpreted
+q, kc = torch.randn(2, 4, 16, device=dev), torch.randn(3, 16, 2, 16, device=dev)
 for table, lens in [(torch.zeros(2, 0, dtype=torch.int32), [5, 100000]),
                     (torch.tensor([[0], [1]], dtype=torch.int32), [2**31 - 1, 17]),
                     (torch.tensor([[-7], [10**9]], dtype=torch.int32), [16, 16])]:
     for splits in (None, 4):
-        out = K.paged_attention_launch(q, kc, kc, table, torch.tensor(lens, dtype=torch.int32), 0.25,
-                                       torch.empty_like(q), splits)
+        out = K.paged_attention_launch(q, kc, kc, table.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev),
+                                       0.25, torch.empty_like(q), splits)
         assert torch.isfinite(out).all()
-k = torch.zeros(3, 16, 2, 16)
-K.store_kv_launch(torch.ones(3, 2, 16), torch.ones(3, 2, 16), k, k.clone(), torch.tensor([48, 10**9, -5]))
+k = torch.zeros(3, 16, 2, 16, device=dev)
+K.store_kv_launch(torch.ones(3, 2, 16, device=dev), torch.ones(3, 2, 16, device=dev), k, k.clone(),
+                  torch.tensor([48, 10**9, -5], device=dev))
 assert not k.any()
 print("ok")
 """
