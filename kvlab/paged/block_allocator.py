@@ -23,9 +23,11 @@ Three ideas on top of plain paging:
   chained over (previous block's hash, this block's token ids), so equal hashes
   mean equal prefixes. A block is registered under its hash only once its K/V
   have been computed: the runner reports that with `mark_computed(seq_id, n)`
-  after each forward pass (vLLM v1 caches a block when the tokens that fill it are
-  computed). Registering at allocation would let a later prompt hit a block whose
-  owner was preempted or aborted before its prefill ran: garbage K/V. A new prompt
+  after each forward pass. Registering the whole prompt at allocation would let a
+  later prompt hit a block whose owner was preempted or aborted before its prefill
+  ran: garbage K/V. (vLLM v1 registers a block when it schedules the step that fills
+  it, safe there because that step always runs before the next scheduling: requests
+  scheduled in the same step can then share blocks, which kvlab's rule forgoes.) A new prompt
   that starts with registered full blocks reuses them; `num_cached_tokens(seq_id)`
   says how many prompt tokens need no prefill. Freed cached blocks keep their hash
   and contents: they count as free, and are evicted least recently used first,
