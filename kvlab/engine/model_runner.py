@@ -157,7 +157,7 @@ class ModelRunner:
                                                          self.tables[rows[num_decode:], :width], self.block_size,
                                                          self.device)
             self.attn.metadata = md
-            sample_rows = dev((ends - 1)[logit_rows]) if sampling else None
+            sample_rows = dev((ends - 1)[np.array(logit_rows, dtype=np.int64)])   # none: no LM head at all
             ids_t, pos_t = dev(ids), dev(positions)
             t1 = time.perf_counter()
             logits = self.model.forward(ids_t, pos_t, self.attn, logits_indices=sample_rows)
