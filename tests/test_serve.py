@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -269,7 +271,7 @@ def test_full_queue_gets_503_with_retry_after_and_sigterm_finishes_running_reque
     text, finish, chunks, done = asyncio.run(shutdown())
     assert finish == "length" and done and chunks > 1                     # the running request finished after SIGTERM
     assert server.stop(timeout=60) == 0                    # and the server exited cleanly
-    assert "kvlab serve: stopped (1 requests aborted since start)" in server.log()   # only the dropped one
+    assert "kvlab serve: stopped (requests aborted since start: 1)" in server.log()   # only the dropped one
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=5)
 
@@ -293,4 +295,32 @@ def test_sigterm_aborts_what_cannot_finish_in_the_shutdown_timeout():
         assert isinstance(cut, httpx.HTTPError) or not cut[3]
         assert server.stop(timeout=60) == 0
         assert time.monotonic() - t0 < 30
-        assert "kvlab serve: stopped (1 requests aborted since start)" in server.log()
+        assert "kvlab serve: stopped (requests aborted since start: 1)" in server.log()
+
+
+def engine_core_pid(server_pid: int) -> int:
+    """The engine core: the server's child started by multiprocessing's spawn (not its resource tracker)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    cores = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(cores) == 1, children
+    return cores[0]
+
+
+def test_a_dead_engine_core_ends_the_streams_and_the_server_exits_with_status_1():
+    """The engine core is killed (as the OOM killer would) while a request streams: the stream ends
+    with finish_reason "abort" instead of hanging, and the server exits 1 for a supervisor to restart."""
+    with ServerProcess(["--model", MODEL, *ONE_THREAD]) as server:
+        async def main():
+            async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+                body = {"model": MODEL, "prompt": "Forever:", "max_tokens": 1000, "ignore_eos": True}
+                started = asyncio.Event()
+                in_flight = asyncio.create_task(stream(client, server.url, body, headers={}, started=started))
+                await asyncio.wait_for(started.wait(), 60)
+                os.kill(engine_core_pid(server.process.pid), signal.SIGKILL)
+                return await in_flight
+
+        text, finish, chunks, done = asyncio.run(main())
+        assert finish == "abort" and done
+        server.process.wait(timeout=60)
+        assert server.stop() == 1
+        assert "stopped because the engine failed: the engine core exited" in server.log()

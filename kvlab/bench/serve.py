@@ -23,7 +23,7 @@ DistServe's definition, as vLLM's benchmark) and the server's own counters (engi
 preemptions) read from /metrics.
 
 Rates `auto`: first the saturating run (rate inf) measures the server's capacity C in
-requests per second; then Poisson runs at fractions of C (0.25 ... 1.25), so the knee, where
+requests per second; then Poisson runs at fractions of C (0.25 ... 2), so the knee, where
 the queue starts to grow, falls inside the sweep on any machine.
 
 Offline comparison (on by default when this command starts the server): after the server
@@ -51,7 +51,7 @@ import numpy as np
 from kvlab import workloads
 
 DATASETS = {"sharegpt": workloads.sharegpt_like, "alpaca": workloads.alpaca_like}
-AUTO_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25)
+AUTO_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 PERCENTILES = (50, 90, 99)
 
 
@@ -92,6 +92,12 @@ def make_requests(n: int, dataset: str = "sharegpt", max_len: int = 2048, seed: 
         out += [BenchRequest(rng.integers(*token_range, int(p)).tolist(), int(o))
                 for p, o in zip(wl.prompt_len, wl.output_len)]
     return out[:n]
+
+
+def describe_requests(requests: list[BenchRequest]) -> dict:
+    return {"num_prompts": len(requests),
+            "mean_prompt_len": float(np.mean([len(r.prompt_token_ids) for r in requests])),
+            "mean_output_len": float(np.mean([r.output_len for r in requests]))}
 
 
 # ---- the client ----------------------------------------------------------------------------------
@@ -214,10 +220,11 @@ def scrape_metrics(url: str, api_key: str | None = None) -> dict[str, float]:
 
 def sweep(url: str, model: str, requests, rates: list[float] | str, *,
           num_prompts: int, seconds_per_rate: float | None = None, min_prompts: int = 20,
+          fractions: tuple[float, ...] = AUTO_FRACTIONS,
           slo_ttft_ms: float = 1000.0, slo_tpot_ms: float = 100.0, seed: int = 0, api_key: str | None = None,
           timeout: float = 600.0, progress: bool = True, on_result=None) -> list[dict]:
     """The saturating run (rate inf, first `num_prompts` requests) when rates is "auto" or holds inf,
-    then each finite rate (auto: fractions of the measured capacity). Each finite rate sends
+    then each finite rate (auto: `fractions` of the measured capacity). Each finite rate sends
     `num_prompts` requests, or rate x seconds_per_rate of them (at least min_prompts).
     requests(n): the first n requests (make_requests with fixed arguments)."""
     runs = []
@@ -229,7 +236,7 @@ def sweep(url: str, model: str, requests, rates: list[float] | str, *,
             on_result(runs)
     if rates == "auto":
         capacity = runs[0]["request_throughput"]
-        finite = [round(f * capacity, 3) for f in AUTO_FRACTIONS]
+        finite = [round(f * capacity, 3) for f in fractions]
     for rate in finite:
         n = num_prompts if seconds_per_rate is None else max(min_prompts, round(rate * seconds_per_rate))
         runs.append(_one_rate(url, model, requests(n), rate, seed, slo_ttft_ms, slo_tpot_ms, api_key, timeout,
@@ -321,10 +328,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     first = requests(args.num_prompts)
     result = {"method": __doc__, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                                           if k not in ("api_key", "func")},
-              "model": args.model, "dataset": args.dataset,
-              "requests": {"num_prompts": len(first),
-                           "mean_prompt_len": float(np.mean([len(r.prompt_token_ids) for r in first])),
-                           "mean_output_len": float(np.mean([r.output_len for r in first]))}}
+              "model": args.model, "dataset": args.dataset, "requests": describe_requests(first)}
 
     def save(runs=None):
         if runs is not None:
@@ -351,6 +355,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                                num_prompts=args.num_prompts, seconds_per_rate=args.seconds_per_rate,
                                min_prompts=args.min_prompts, slo_ttft_ms=args.slo_ttft_ms,
                                slo_tpot_ms=args.slo_tpot_ms, seed=args.request_seed, api_key=args.api_key,
+                               fractions=tuple(args.auto_fractions),
                                timeout=args.timeout, progress=not args.quiet, on_result=save)
     finally:
         if server is not None:
@@ -371,23 +376,25 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
-def print_summary(result: dict) -> None:
-    print(f"\nmodel {result['model']}, {result['dataset']}-like requests "
-          f"(mean prompt {result['requests']['mean_prompt_len']:.0f}, "
-          f"mean output {result['requests']['mean_output_len']:.0f} tokens)")
-    print(f"{'rate':>8} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} "
-          f"{'E2E p50':>8} {'p99':>8} {'goodput':>8}  (ms, req/s)")
+def summary_table(result: dict) -> str:
+    """The runs as a text table (and the offline comparison, if there is one)."""
+    lines = [f"model {result['model']}, {result['dataset']}-like requests "
+             f"(mean prompt {result['requests']['mean_prompt_len']:.0f}, "
+             f"mean output {result['requests']['mean_output_len']:.0f} tokens)",
+             f"{'rate/s':>7} {'done/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} "
+             f"{'E2E p50':>8} {'p99':>7} {'goodput':>8}   (latencies in ms)"]
     for r in result["runs"]:
         rate = r["rate"] if r["rate"] == "inf" else f"{r['rate']:.2f}"
-        print(f"{rate:>8} {r['request_throughput']:>7.2f} {r['output_throughput']:>8.1f} "
-              f"{r['ttft_ms']['p50']:>9.0f} {r['ttft_ms']['p99']:>8.0f} {r['itl_ms']['p50']:>8.1f} "
-              f"{r['itl_ms']['p99']:>8.1f} {r['e2e_ms']['p50']:>8.0f} {r['e2e_ms']['p99']:>8.0f} "
-              f"{r['goodput']['requests_per_s']:>8.2f}" + (f"  {r['failed']} failed" if r["failed"] else ""))
+        lines.append(f"{rate:>7} {r['request_throughput']:>7.2f} {r['output_throughput']:>7.1f} "
+                     f"{r['ttft_ms']['p50']:>9.0f} {r['ttft_ms']['p99']:>7.0f} {r['itl_ms']['p50']:>8.1f} "
+                     f"{r['itl_ms']['p99']:>7.1f} {r['e2e_ms']['p50']:>8.0f} {r['e2e_ms']['p99']:>7.0f} "
+                     f"{r['goodput']['requests_per_s']:>8.2f}" + (f"  {r['failed']} failed" if r["failed"] else ""))
     if "server_vs_offline" in result:
         c, off = result["server_vs_offline"], result["offline"]
-        print(f"offline LLM.generate: {off['output_throughput']:.1f} tok/s, TPOT p50 {off['tpot_ms']['p50']:.1f} ms; "
-              f"server / offline throughput {c['throughput_ratio']:.3f}, "
-              f"added median TPOT {c['added_median_tpot_ms']:+.2f} ms")
+        lines.append(f"offline LLM.generate on the rate-inf requests: {off['output_throughput']:.1f} tok/s, "
+                     f"TPOT p50 {off['tpot_ms']['p50']:.1f} ms; server / offline throughput "
+                     f"{c['throughput_ratio']:.3f}, added median TPOT {c['added_median_tpot_ms']:+.2f} ms")
+    return "\n".join(lines)
 
 
 # ---- figures --------------------------------------------------------------------------------------
@@ -426,8 +433,14 @@ def plot_latency_vs_rate(result: dict, axes=None, label: str | None = None):
     return fig
 
 
-def load_results(path: str | Path) -> dict | None:
-    path = Path(path)
+DATA = Path(__file__).resolve().parents[2] / "data" / "bench"     # the committed results
+
+
+def load_results(name: str | Path) -> dict | None:
+    """A committed result ("serve_cpu.json" in data/bench/) or any path; None if it does not exist."""
+    path = Path(name)
+    if not path.is_absolute() and path.parent == Path("."):
+        path = DATA / path
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -460,6 +473,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rates", nargs="+", type=_rate, default=["auto"],
                    help="requests per second (Poisson), 'inf' (all at once), or 'auto' (default): inf, then "
                         f"fractions {AUTO_FRACTIONS} of the capacity it measured")
+    g.add_argument("--auto-fractions", type=float, nargs="+", default=list(AUTO_FRACTIONS),
+                   help="with --rates auto: the rates, as fractions of the measured capacity")
     g.add_argument("--num-prompts", type=int, default=200, help="requests per rate (and at rate inf); default 200")
     g.add_argument("--seconds-per-rate", type=float, default=None,
                    help="finite rates send rate x this many requests instead (at least --min-prompts)")
@@ -478,6 +493,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if "auto" in args.rates and len(args.rates) > 1:
         parser.error("--rates auto stands alone (it picks the rates itself)")
+    if not all(f > 0 for f in args.auto_fractions):
+        parser.error("--auto-fractions must all be > 0")
     for name in ("num_prompts", "min_prompts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -488,7 +505,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.offline is None:
         args.offline = args.url is None
     result = run_benchmark(args)
-    print_summary(result)
+    print("\n" + summary_table(result))
     return 0 if all(r["failed"] == 0 for r in result["runs"]) else 1
 
 

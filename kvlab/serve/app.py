@@ -43,7 +43,7 @@ logger = logging.getLogger("kvlab.serve")
 
 MAX_BODY_BYTES = 32 * 2**20     # 32 MiB: a prompt far longer than any model's context still fits
 RETRY_AFTER_S = 1               # what a 503 (queue full) tells the client to wait, seconds
-REJECT_REASONS = {400: "invalid", 401: "unauthorized", 404: "unknown_model", 413: "too_large", 503: "unavailable"}
+REJECT_REASONS = {400: "invalid", 413: "too_large"}      # for errors without a code of their own
 
 
 class OpenAIServer:
@@ -111,7 +111,7 @@ class OpenAIServer:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     def on_error(self, err: ApiError) -> None:
-        self.metrics.rejected.labels(REJECT_REASONS.get(err.status, str(err.status))).inc()
+        self.metrics.rejected.labels(err.code or REJECT_REASONS.get(err.status, str(err.status))).inc()
 
 
 class EngineResponse:

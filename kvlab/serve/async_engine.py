@@ -85,6 +85,7 @@ class AsyncEngine:
         self.stats = EngineStats(num_blocks=info["num_blocks"])
         self.error: str | None = None
         self.on_finished = None                # callback(RequestOutput), for the metrics
+        self.on_dead = None                    # callback(), when the core fails (the server then exits)
         self._streams: dict[str, RequestStream] = {}                  # live requests (event loop only)
         self._adding: dict[str, asyncio.Future] = {}                  # adds waiting for the core's verdict
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -196,6 +197,8 @@ class AsyncEngine:
             self.error = payload
             logger.error("the engine core failed: %s", payload)
             self._fail_all(f"the engine failed: {payload.splitlines()[0]}")
+            if self.on_dead is not None:
+                self.on_dead()
 
     def _fail_all(self, message: str) -> None:
         for verdict in self._adding.values():

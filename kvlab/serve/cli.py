@@ -8,6 +8,8 @@ The engine flags are vLLM's names for EngineConfig's fields (--max-num-seqs,
 free port; the first line the server prints says which (kvlab.serve.launcher reads it).
 SIGTERM (or Ctrl-C) shuts down gracefully: no new connections, running requests finish
 (at most --shutdown-timeout seconds; then they are aborted), the engine loop stops, exit 0.
+If the engine core dies, the requests in flight end (finish_reason "abort"), /health turns
+503 and the server exits with status 1, for a supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on"))
     _exit_with_parent(server)
+    engine.on_dead = lambda: setattr(server, "should_exit", True)   # a dead engine: exit, to be restarted
     # uvicorn catches SIGTERM/SIGINT while it serves, shuts down gracefully, then re-raises the signal
     # to the handler that was there before; a Python no-op handler there makes that exit status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -185,8 +188,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         server.run(sockets=[sock])
     except KeyboardInterrupt:                # Ctrl-C: uvicorn re-raises SIGINT after its clean shutdown
         pass
-    stats = app.state.server.engine.stats
-    print(f"kvlab serve: stopped ({stats.num_aborted} requests aborted since start)", flush=True)
+    if engine.error is not None:
+        print(f"kvlab serve: stopped because the engine failed: {engine.error}", file=sys.stderr, flush=True)
+        return 1
+    print(f"kvlab serve: stopped (requests aborted since start: {engine.stats.num_aborted})", flush=True)
     return 0
 
 

@@ -20,8 +20,8 @@ Two kinds of numbers, as in vLLM's server (whose metric names these follow, `vll
     kvlab:request_success_total{finished_reason}, kvlab:prompt_tokens_total,
     kvlab:generation_tokens_total, kvlab:prefix_cache_queries_total / _hits_total (tokens)
 
-plus kvlab:requests_rejected_total{reason} for what the server refused before the engine saw
-it. Times are the engine's own clock from the moment the HTTP request arrived; a client adds
+plus kvlab:requests_rejected_total{reason} for what was refused (none of it reached the batch).
+Times are the engine's own clock from the moment the HTTP request arrived; a client adds
 its network and parsing time on top (kvlab.bench.serve measures that side).
 """
 
@@ -60,8 +60,8 @@ class ServerMetrics:
                                       registry=r)
         self.prefix_hits = Counter("kvlab:prefix_cache_hits", "Prompt tokens the prefix cache supplied",
                                    registry=r)
-        self.rejected = Counter("kvlab:requests_rejected", "Requests refused before reaching the engine, by "
-                                "reason (invalid, too_long, queue_full, unauthorized, unknown_model)",
+        self.rejected = Counter("kvlab:requests_rejected", "Requests refused, by reason (invalid, too_large, "
+                                "model_not_found, invalid_api_key, queue_full, engine_unavailable)",
                                 ["reason"], registry=r)
         self.prompt_tokens_seen = 0      # the same two counts as plain ints, for the hit rate
         self.cached_tokens_seen = 0
