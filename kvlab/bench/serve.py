@@ -219,20 +219,26 @@ def scrape_metrics(url: str, api_key: str | None = None) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
-def sweep(url: str, model: str, requests, rates: list[float] | str, *,
-          num_prompts: int, seconds_per_rate: float | None = None, min_prompts: int = 20,
-          fractions: tuple[float, ...] = AUTO_FRACTIONS,
-          slo_ttft_ms: float = 1000.0, slo_tpot_ms: float = 100.0, seed: int = 0, api_key: str | None = None,
-          timeout: float = 600.0, progress: bool = True, on_result=None) -> list[dict]:
+def sweep(url: str, model: str, requests, rates: list[float] | str, **kwargs) -> list[dict]:
+    """sweep_async, for code that has no event loop running (in Jupyter: `await sweep_async(...)`)."""
+    return asyncio.run(sweep_async(url, model, requests, rates, **kwargs))
+
+
+async def sweep_async(url: str, model: str, requests, rates: list[float] | str, *,
+                      num_prompts: int, seconds_per_rate: float | None = None, min_prompts: int = 20,
+                      fractions: tuple[float, ...] = AUTO_FRACTIONS, slo_ttft_ms: float = 1000.0,
+                      slo_tpot_ms: float = 100.0, seed: int = 0, api_key: str | None = None, timeout: float = 600.0,
+                      progress: bool = True, on_result=None) -> list[dict]:
     """The saturating run (rate inf, first `num_prompts` requests) when rates is "auto" or holds inf,
     then each finite rate (auto: `fractions` of the measured capacity). Each finite rate sends
     `num_prompts` requests, or rate x seconds_per_rate of them (at least min_prompts).
     requests(n): the first n requests (make_requests with fixed arguments)."""
+    one = dict(model=model, seed=seed, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, api_key=api_key,
+               timeout=timeout, progress=progress)
     runs = []
     finite = [] if rates == "auto" else sorted(r for r in rates if not math.isinf(r))
     if rates == "auto" or any(math.isinf(r) for r in rates):
-        runs.append(_one_rate(url, model, requests(num_prompts), math.inf, seed, slo_ttft_ms, slo_tpot_ms,
-                              api_key, timeout, progress))
+        runs.append(await one_rate(url, requests(num_prompts), math.inf, **one))
         if on_result:
             on_result(runs)
     if rates == "auto":
@@ -240,18 +246,20 @@ def sweep(url: str, model: str, requests, rates: list[float] | str, *,
         finite = [round(f * capacity, 3) for f in fractions]
     for rate in finite:
         n = num_prompts if seconds_per_rate is None else max(min_prompts, round(rate * seconds_per_rate))
-        runs.append(_one_rate(url, model, requests(n), rate, seed, slo_ttft_ms, slo_tpot_ms, api_key, timeout,
-                              progress))
+        runs.append(await one_rate(url, requests(n), rate, **one))
         if on_result:
             on_result(runs)
     return runs
 
 
-def _one_rate(url, model, requests, rate, seed, slo_ttft_ms, slo_tpot_ms, api_key, timeout, progress) -> dict:
-    before = scrape_metrics(url, api_key)
-    results, duration = asyncio.run(run_rate(url, model, requests, rate, seed=seed, api_key=api_key,
-                                             timeout=timeout, progress=progress))
-    after = scrape_metrics(url, api_key)
+async def one_rate(url: str, requests: list[BenchRequest], rate: float, *, model: str, seed: int = 0,
+                   slo_ttft_ms: float = 1000.0, slo_tpot_ms: float = 100.0, api_key: str | None = None,
+                   timeout: float = 600.0, progress: bool = True) -> dict:
+    """One run at one rate: the summary, plus the server's own counters over the run (/metrics)."""
+    before = await asyncio.to_thread(scrape_metrics, url, api_key)
+    results, duration = await run_rate(url, model, requests, rate, seed=seed, api_key=api_key, timeout=timeout,
+                                       progress=progress)
+    after = await asyncio.to_thread(scrape_metrics, url, api_key)
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0) if after else None
     run = {"rate": "inf" if math.isinf(rate) else rate, **summarize(results, duration, slo_ttft_ms, slo_tpot_ms)}
     steps = delta("kvlab:engine_steps_total")
