@@ -55,11 +55,13 @@ class EngineStats:
 # ---- the wire format of an output: what the server needs, nothing more -----------------------------
 
 METRICS_FIELDS = [f.name for f in fields(RequestMetrics)]
+RUNNING = RequestMetrics(arrival_time=float("nan"))   # stands in for the metrics of an unfinished request
 
 
 def pack(out: RequestOutput) -> tuple:
-    m = out.metrics
-    return (out.request_id, out.finished, out.num_cached_tokens, tuple(getattr(m, f) for f in METRICS_FIELDS),
+    """A RequestOutput as plain tuples (cheap to pickle); the metrics only once it has finished."""
+    metrics = tuple(getattr(out.metrics, f) for f in METRICS_FIELDS) if out.finished else None
+    return (out.request_id, out.finished, out.num_cached_tokens, metrics,
             [(o.index, o.text, o.token_ids, o.finish_reason, o.stop_reason) for o in out.outputs])
 
 
@@ -68,7 +70,7 @@ def unpack(packed: tuple, prompt_token_ids: list[int]) -> RequestOutput:
     return RequestOutput(request_id, None, prompt_token_ids,
                          [CompletionOutput(i, text, ids, finish_reason=f, stop_reason=s)
                           for i, text, ids, f, s in outputs],
-                         finished, RequestMetrics(*metrics), cached)
+                         finished, RUNNING if metrics is None else RequestMetrics(*metrics), cached)
 
 
 # ---- the child process --------------------------------------------------------------------------
