@@ -324,3 +324,45 @@ def test_a_dead_engine_core_ends_the_streams_and_the_server_exits_with_status_1(
         server.process.wait(timeout=60)
         assert server.stop() == 1
         assert "stopped because the engine failed: the engine core exited" in server.log()
+
+
+def test_without_a_tokenizer_the_server_takes_and_returns_token_ids():
+    """--skip-tokenizer-init (automatic for a model without tokenizer files, as smollm2-135m-random on
+    the GPU machine): token-id prompts only, answers as token ids (return_token_ids), equal offline."""
+    prompt = [5, 60, 700, 8000]
+    llm = LLM(model=MODEL, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=64)
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    with ServerProcess(["--model", MODEL, "--skip-tokenizer-init", *ONE_THREAD]) as server:
+        assert "no tokenizer: prompts are token ids" in server.log()
+        url = server.url + "/v1/completions"
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        done = httpx.post(url, json=body, timeout=TIMEOUT).json()
+        assert done["choices"][0]["token_ids"] == ref and done["choices"][0]["text"] == ""
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=TIMEOUT) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ref
+        for refused in ({**body, "prompt": "text"}, {**body, "stop": ["x"]}):
+            r = httpx.post(url, json=refused, timeout=TIMEOUT)
+            assert r.status_code == 400 and ("token ids" in r.json()["error"]["message"]
+                                             or "stop strings need a tokenizer" in r.json()["error"]["message"])
+        chat = httpx.post(server.url + "/v1/chat/completions", timeout=TIMEOUT,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "without a tokenizer" in chat.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--port", "70000"], "--port 70000: a port is 0..65535"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1, got 0"),
+    (["--max-waiting-requests", "0"], "--max-waiting-requests 0: must be >= 1"),
+    (["--torch-threads", "0"], "--torch-threads 0: must be >= 1"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout -1.0: must be >= 0"),
+    (["--gpu-memory-utilization", "2"], "--gpu-memory-utilization must be a fraction in (0, 1]"),
+])
+def test_bad_flags_are_usage_errors_before_anything_loads(argv, words, capsys):
+    from kvlab.serve.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and words in capsys.readouterr().err

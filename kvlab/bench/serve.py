@@ -270,7 +270,7 @@ async def one_rate(url: str, requests: list[BenchRequest], rate: float, *, model
 
 # ---- offline: the same requests through kvlab.LLM.generate ---------------------------------------
 
-def run_offline(llm, requests: list[BenchRequest], warmup: int = 8) -> dict:
+def run_offline(llm, requests: list[BenchRequest], warmup: int = 8, progress: bool = True) -> dict:
     """LLM.generate on every request at once (after a warm-up on a few): throughput and per-request
     TTFT / TPOT / end-to-end latency from the engine's own clock."""
     from kvlab.engine import SamplingParams
@@ -281,7 +281,7 @@ def run_offline(llm, requests: list[BenchRequest], warmup: int = 8) -> dict:
         llm.generate(prompts[:warmup], params[:warmup], use_tqdm=False)
     first_step = llm.engine.num_steps
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=progress)
     duration = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = [s for s in list(llm.engine.stats) if s.step > first_step]
@@ -379,7 +379,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
         apply_torch_threads(args)
         llm = LLM(**engine_kwargs(args, load_engine_model(args)))
-        result["offline"] = run_offline(llm, first, warmup=args.warmup)
+        result["offline"] = run_offline(llm, first, warmup=args.warmup, progress=not args.quiet)
         result["server_vs_offline"] = compare(inf, result["offline"])
         del llm
     result["environment"] = environment()
@@ -503,6 +503,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kvlab.serve.cli import check_engine_flags
+
+    check_engine_flags(args, parser)
     if "auto" in args.rates and len(args.rates) > 1:
         parser.error("--rates auto stands alone (it picks the rates itself)")
     if not all(f > 0 for f in args.auto_fractions):
@@ -522,7 +525,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvlab.bench.serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kvlab bench serve", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv), parser)
 

@@ -1,4 +1,4 @@
-"""`kvlab serve` and `kvlab bench serve`: their arguments and what they run.
+"""`kvlab serve`: its arguments and what it runs (`kvlab bench serve` is kvlab.bench.serve.main).
 
     kvlab serve --model smollm2-135m [--host 127.0.0.1] [--port 8000] [--api-key KEY] [engine flags]
     python -m kvlab.serve ...                     # the same, without the `kvlab` entry point
@@ -80,6 +80,21 @@ def engine_config(args: argparse.Namespace, model=None):
     return EngineConfig(**engine_kwargs(args, model))
 
 
+def check_engine_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A usage error (exit 2) for a bad engine flag, named as the flag ("--max-num-seqs must be ...")."""
+    if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
+        parser.error(f"--torch-threads {args.torch_threads}: must be >= 1")
+    try:
+        engine_config(args)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        for flag, dest, *_ in ENGINE_FLAGS + ENGINE_SWITCHES:
+            if message.startswith(dest + " "):
+                message = flag + message[len(dest):]
+                break
+        parser.error(message)
+
+
 def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine flags that were given, as a command line again (for a server in a child process)."""
     argv = ["--model", str(args.model)]
@@ -147,12 +162,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--max-waiting-requests {args.max_waiting_requests}: must be >= 1")
     if not args.shutdown_timeout >= 0:
         parser.error(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0 seconds")
-    if args.torch_threads is not None and args.torch_threads < 1:
-        parser.error(f"--torch-threads {args.torch_threads}: must be >= 1")
-    try:
-        engine_config(args)                  # every flag checked before anything loads
-    except (ValueError, TypeError) as err:
-        parser.error(str(err))
+    check_engine_flags(args, parser)         # every flag checked before anything loads
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
 
@@ -220,21 +230,3 @@ def _exit_with_parent(server) -> None:
         server.should_exit = True
 
     threading.Thread(target=watch, name="kvlab-parent-watch", daemon=True).start()
-
-
-# ---- kvlab bench serve ----------------------------------------------------------------------------
-
-def add_bench_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """`kvlab bench serve`: add to the subparsers of a `bench` command (kvlab.bench.serve runs it)."""
-    from kvlab.bench import serve as bench
-
-    p = subparsers.add_parser("serve", help="load-test an OpenAI-compatible server (latency against rate)",
-                              description=bench.__doc__.split("\n\n")[0])
-    bench.add_arguments(p)
-    return p
-
-
-def cmd_bench_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from kvlab.bench import serve as bench
-
-    return bench.run_from_args(args, parser)
