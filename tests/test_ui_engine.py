@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -257,6 +258,22 @@ def test_queue_head_reasons_rows_and_unchunked_prompts(tiny_llama):
     assert x.step().report.rows[-1].request_id == "b"                 # admitted next step, beside a's decode
 
 
+def test_plot_snapshots_draws_the_pools_and_says_what_happened(xray):
+    steps = xray.key_steps()
+    fig = ui.plot_snapshots(xray, steps)
+    assert len(fig.axes) == len(steps)
+    for ax, k in zip(fig.axes, steps):
+        snap = xray.snapshots[k]
+        title = ax.get_title(loc="left")
+        assert title.startswith(f"after step {k} ({snap.pool.num_free_blocks} of 12 blocks free)")
+        assert all(line.strip().split(":")[0] in title for line in snap.report.lines()[1:])
+        owned = {b for v in snap.requests.values() for b in v.block_table}
+        request_colors = {to_rgba(c) for c in xray.colors.values()}
+        filled = [p for p in ax.patches if p.get_facecolor() in request_colors]
+        assert len(filled) == len(owned) == snap.pool.num_used_blocks    # one coloured fill per block in use
+    assert fig.axes[0].get_legend() is not None and all(ax.get_legend() is None for ax in fig.axes[1:])
+
+
 def test_arrival_steps_are_honoured(xray):
     arrived = {rid: s.step for s in xray.snapshots if s.report for rid in s.report.arrived}
     assert arrived == {"A": 1, "B": 1, "C": 3, "D": 4}
@@ -337,9 +354,11 @@ def test_plot_race_draws_the_rates_and_ratios():
     race = {"kvlab": summary("kvlab", 40.0), "hf_padded": summary("hf_padded", 25.0),
             "hf_one_at_a_time": summary("hf_one_at_a_time", 10.0), "hf_continuous": summary("hf_continuous", math.nan,
                                                                                                tokens=0)}
-    ax = ui.plot_race(race)
+    ax = ui.plot_race(race, labels={"hf_padded": "HF static batches of 4"})
     widths = sorted(p.get_width() for p in ax.patches)
     assert widths == [10.0, 25.0, 40.0]                                  # the failed run is left out
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["HF one at a time", "HF static batches of 4",
+                                                             ui.SYSTEM_LABELS["kvlab"]]
     texts = [t.get_text() for t in ax.texts]
     assert any("(kvlab 4.0x)" in t for t in texts) and any("(kvlab 1.6x)" in t for t in texts)
 
@@ -347,7 +366,8 @@ def test_plot_race_draws_the_rates_and_ratios():
 def gpu_result(concurrency):
     systems = {"kvlab": summary("kvlab", 20_000.0, 8192, 7.8), "hf_padded": summary("hf_padded", 1_500.0, 8192, 3.0),
                "hf_static_compile": summary("hf_static_compile", 9_000.0, 8192, 52.0),
-               "hf_continuous": summary("hf_continuous", math.nan, 0)}
+               "hf_continuous": summary("hf_continuous", math.nan, 0),
+               "hf_one_at_a_time": {**summary("hf_one_at_a_time", 20.0, 1024), "num_requests": 8}}
     systems["kvlab"]["engine_steps"] = dict(steps=130, cuda_graph_steps=127, schedule_s=0.05, prepare_s=0.06,
                                             output_s=0.07, forward_s=0.25)
     return {"environment": {"gpu": "NVIDIA H200", "date": "2026-11-29T15:51:54", "torch": "2.11.0",
@@ -367,6 +387,9 @@ SHAPES = {
                                      for n, (k, h) in SWEEP.items()],
     "columns": {"requests": list(SWEEP), "kvlab": [k for k, _ in SWEEP.values()],
                 "hf_padded": [h for _, h in SWEEP.values()]},
+    "rates under system names (bench.engine --concurrency)": {
+        str(n): {"kvlab": k, "hf_padded": h, "ratio": k / h, "kvlab_tpot_p50_s": 0.001, "hf_padded_tpot_p50_s": 0.03}
+        for n, (k, h) in SWEEP.items()},
 }
 
 
@@ -378,8 +401,10 @@ def test_concurrency_series_reads_every_shape(shape):
     a, b = ui.plot_concurrency(gpu_result(SHAPES[shape]))
     lines = {line.get_label(): line for line in a.get_lines()}
     assert list(lines[ui.SYSTEM_LABELS["kvlab"]].get_ydata()) == [300.0, 4_000.0, 15_000.0]
-    ratio = [line for line in b.get_lines() if line.get_label().startswith("kvlab /")][0]
-    assert list(ratio.get_ydata()) == pytest.approx([3.0, 4_000 / 900, 10.0])
+    assert list(lines["HF one at a time (any concurrency)"].get_ydata()) == [20.0, 20.0]    # workload A's rate
+    ratios = {line.get_label(): list(line.get_ydata()) for line in b.get_lines()}
+    assert ratios["kvlab / HF padded batch"] == pytest.approx([3.0, 4_000 / 900, 10.0])
+    assert ratios["kvlab / HF one at a time"] == pytest.approx([15.0, 200.0, 750.0])
 
 
 def test_gpu_report_and_figure_from_a_result(tmp_path):
@@ -391,15 +416,34 @@ def test_gpu_report_and_figure_from_a_result(tmp_path):
     assert loaded["environment"] == result["environment"]
     assert ui.workload_table(loaded, "A") == ui.workload_table(result, "A")
     rows = ui.workload_table(result, "A")
-    assert [r[0] for r in rows] == ["kvlab", "hf_static_compile", "hf_padded"]     # fastest first, failed left out
+    assert [r[0] for r in rows] == ["kvlab", "hf_static_compile", "hf_padded", "hf_one_at_a_time"]   # failed: out
     assert rows[1][2] == pytest.approx(20_000 / 9_000) and rows[0][2] is None
     text = "\n".join(ui.gpu_report(result))
-    assert "NVIDIA H200, 2026-11-29" in text and "20,000 tok/s" in text and "kvlab is 13.3x faster" in text
+    assert "NVIDIA H200, 2026-11-29" in text and "20,000 tok/s" in text and "kvlab 13.3x" in text
+    assert re.search(r"HF one at a time \(first 8\)\s+20 tok/s .* kvlab 1,000.0x", text)
     assert "host work (schedule, prepare, outputs) 42% of the step time" in text      # 0.18 / (0.18 + 0.25)
-    assert re.search(r"\n\s+64\s+15,000\s+1,500\s+10.0x", text)
+    assert re.search(r"\n\s+64\s+15,000\s+1,500\s+10.0x\s+750.0x", text)
     (ax,) = ui.plot_gpu_workloads(result)
-    assert sorted(p.get_width() for p in ax.patches) == [1_500.0, 9_000.0, 20_000.0]
+    assert sorted(p.get_width() for p in ax.patches) == [20.0, 1_500.0, 9_000.0, 20_000.0]
     assert "NVIDIA H200, 2026-11-29" in ax.get_xlabel()
     assert ui.concurrency_series({"workloads": {}}) == {}
     with pytest.raises(ValueError, match="no 'concurrency' sweep"):
         ui.plot_concurrency({"workloads": {}})
+
+
+@pytest.mark.skipif(ui.load_bench() is None, reason="data/bench/engine_h200.json is not committed")
+def test_the_committed_gpu_run_reads_as_written():
+    """The notebook's GPU cells on the committed file: every number shown is one in the JSON."""
+    result = ui.load_bench()
+    series = ui.concurrency_series(result)
+    for n, entry in result["concurrency"].items():
+        for system in ("kvlab", "hf_padded"):
+            ns, rates = series[system]
+            assert rates[ns.index(int(n))] == entry[system]
+    for w, res in result["workloads"].items():
+        shown = {k: v for k, v, _ in ui.workload_table(result, w)}
+        assert shown == {k: v["tokens_per_s"] for k, v in res["systems"].items() if v["tokens"]}
+    text = "\n".join(ui.gpu_report(result))
+    assert result["date"] in text and f"{result['workloads']['A']['systems']['kvlab']['tokens_per_s']:,.0f}" in text
+    ui.plot_gpu_workloads(result)
+    ui.plot_concurrency(result)

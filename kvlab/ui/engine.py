@@ -27,6 +27,7 @@ import copy
 import html
 import io
 import json
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,33 +419,49 @@ class XRay:
                         views, copy.deepcopy(self.engine.allocator), report)
 
 
-def draw_snapshot(snap: Snapshot, colors: dict, ax=None, cols: int = 12):
+def draw_snapshot(snap: Snapshot, colors: dict, ax=None, cols: int = 12, title: str | None = None,
+                  legend: bool = True):
     """The pool's block grid at a snapshot: each block filled in its request's color, shared
     blocks with a black border and their reference count, freed blocks that keep a prefix-cache
     hash pale green (kvlab.ui.paged.draw_pool)."""
     pool = snap.pool
-    title = (f"after step {snap.step}: {pool.num_free_blocks} of {pool.num_blocks} blocks free"
-             if snap.step else f"before the first step: {pool.num_blocks} blocks of {pool.block_size} slots")
+    if title is None:
+        title = (f"after step {snap.step}: {pool.num_free_blocks} of {pool.num_blocks} blocks free"
+                 if snap.step else f"before the first step: {pool.num_blocks} blocks of {pool.block_size} slots")
     ax = draw_pool(pool, ax, cols=cols, colors=colors, title=title, show_tables=False)
-    handles = [Patch(facecolor=c, label=s[0]) for s, c in colors.items()]
-    handles += [Patch(facecolor=FREE, edgecolor="#bbbbbb", label="free"),
-                Patch(facecolor=CACHED, edgecolor="#bbbbbb", label="free, cached prefix")]
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    if legend:
+        handles = [Patch(facecolor=c, label=s[0]) for s, c in colors.items()]
+        handles += [Patch(facecolor=FREE, edgecolor="#bbbbbb", label="free"),
+                    Patch(facecolor=CACHED, edgecolor="#bbbbbb", label="free, cached prefix")]
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     return ax
 
 
-def plot_snapshots(xray: XRay, steps: Sequence[int], cols: int = 12):
+def plot_snapshots(xray: XRay, steps: Sequence[int], cols: int = 12, width: int = 110):
     """Small multiples: the pool after each of the given steps, titled with what the step did."""
     steps = list(steps)
     rows = -(-xray.snapshots[0].pool.num_blocks // cols)
-    fig, axes = plt.subplots(len(steps), 1, figsize=(10, (0.55 * rows + 0.9) * len(steps)), squeeze=False)
-    for ax, k in zip(axes[:, 0], steps):
+    titles = []
+    for k in steps:
         snap = xray.snapshots[k]
-        draw_snapshot(snap, xray.colors, ax, cols=cols)
-        said = [line.strip() for line in snap.report.lines()[1:]] if snap.report else []
-        ax.set_title(f"after step {k}: " + ("; ".join(said) if said else "nothing scheduled"), fontsize=8, loc="left",
-                     wrap=True)
-    fig.tight_layout()
+        said = [line.strip() for line in snap.report.lines()[1:]] if snap.report else ["nothing scheduled"]
+        head = f"after step {k} ({snap.pool.num_free_blocks} of {snap.pool.num_blocks} blocks free):"
+        titles.append("\n".join([head] + [w for line in said for w in textwrap.wrap(line, width)]))
+    # placed by hand, in inches, so that every panel's blocks have the same size
+    grid_h, line_h, gap = 0.5 * rows, 0.15, 0.25
+    text_h = [line_h * (t.count("\n") + 1) for t in titles]
+    total = sum(grid_h + h + gap for h in text_h) + 0.1
+    fig_w = 10.0
+    fig = plt.figure(figsize=(fig_w, total))
+    top = total - 0.1
+    for i, (k, t, h) in enumerate(zip(steps, titles, text_h)):
+        top -= h + 0.05
+        ax = fig.add_axes((0.01, (top - grid_h) / total, min(0.75, grid_h * cols / (rows + 0.2) / fig_w),
+                           grid_h / total))
+        draw_snapshot(xray.snapshots[k], xray.colors, ax, cols=cols, legend=i == 0)
+        ax.set_title("")                                    # draw_pool's own title: the text below says more
+        ax.set_title(t, fontsize=8, loc="left")
+        top -= grid_h + gap - 0.05
     return fig
 
 
@@ -576,6 +593,8 @@ class EngineXRay:
 SYSTEM_LABELS = {"kvlab": "kvlab (continuous batching, paged)", "hf_padded": "HF padded batch",
                  "hf_static_compile": "HF static cache + compile", "hf_continuous": "HF continuous batching",
                  "hf_one_at_a_time": "HF one at a time", "hf_threads": "HF thread per request"}
+SHORT_LABELS = {"kvlab": "kvlab", "hf_padded": "HF padded", "hf_static_compile": "HF compile",
+                "hf_continuous": "HF continuous", "hf_one_at_a_time": "HF one at a time", "hf_threads": "HF threads"}
 SYSTEM_COLORS = {"kvlab": "#55a868", "hf_padded": "#4c72b0", "hf_static_compile": "#8172b3",
                  "hf_continuous": "#937860", "hf_one_at_a_time": "#c44e52", "hf_threads": "#dd8452"}
 
@@ -585,14 +604,16 @@ def _ran(summary: dict) -> bool:
     return bool(summary.get("tokens")) and summary["tokens_per_s"] == summary["tokens_per_s"]
 
 
-def plot_race(summaries: dict[str, dict], ax=None, title: str = "the race"):
+def plot_race(summaries: dict[str, dict], ax=None, title: str = "the race", labels: dict | None = None):
     """Generated tokens per second of each system (summaries as `Run.summary()` / the benchmark JSON),
-    fastest on top, each bar labelled with its ratio to kvlab."""
+    fastest on top, each bar labelled with its ratio to kvlab. labels: names to show instead of
+    SYSTEM_LABELS' for some systems."""
+    labels = {**SYSTEM_LABELS, **(labels or {})}
     rows = [(k, v["tokens_per_s"]) for k, v in summaries.items() if _ran(v)]
     rows.sort(key=lambda r: r[1])
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.2), constrained_layout=True)
-    ax.barh([SYSTEM_LABELS.get(k, k) for k, _ in rows], [v for _, v in rows],
+    ax.barh([labels.get(k, k) for k, _ in rows], [v for _, v in rows],
             color=[SYSTEM_COLORS.get(k, "#8c8c8c") for k, _ in rows])
     ref = summaries.get("kvlab", {}).get("tokens_per_s")
     for i, (k, v) in enumerate(rows):
@@ -628,9 +649,11 @@ def workload_table(result: dict, workload: str) -> list[tuple[str, float, float 
 
 
 def concurrency_series(result: dict) -> dict[str, tuple[list[int], list[float]]]:
-    """system -> (request counts, tokens/s) from the result's "concurrency" sweep. Accepted shapes:
-    {"16": run_workload-like dict with "systems", ...}, a list of such dicts (each with "requests"),
-    or {"requests": [...], "<system>": [tokens/s, ...]}. Empty if the result has no sweep."""
+    """system -> (request counts, tokens/s) from the result's "concurrency" sweep. Shapes read:
+    {"16": {"kvlab": tokens/s, "hf_padded": tokens/s, "ratio": ..., "kvlab_tpot_p50_s": ...}, ...}
+    (what kvlab.bench.engine --concurrency writes: numbers under system names, others skipped),
+    {"16": run_workload-like dict with "systems", ...} or a list of those (each with "requests"), and
+    {"requests": [...], "<system>": [tokens/s, ...]}. Empty if the result has no sweep."""
     sweep = result.get("concurrency")
     if not sweep:
         return {}
@@ -644,35 +667,63 @@ def concurrency_series(result: dict) -> dict[str, tuple[list[int], list[float]]]
         entries = sweep.items() if isinstance(sweep, dict) else ((e.get("requests"), e) for e in sweep)
         for n, entry in entries:
             n = int(entry.get("requests", n))
-            for k, v in entry.get("systems", {}).items():
-                if _ran(v):
-                    points.setdefault(k, {})[n] = float(v["tokens_per_s"])
+            rates = {k: v["tokens_per_s"] for k, v in entry.get("systems", {}).items() if _ran(v)}
+            rates.update({k: v for k, v in entry.items() if k in SYSTEM_LABELS and isinstance(v, (int, float))})
+            for k, v in rates.items():
+                if v == v:                                       # NaN: a failed run
+                    points.setdefault(k, {})[n] = float(v)
     return {k: (sorted(p), [p[n] for n in sorted(p)]) for k, p in points.items() if p}
 
 
-def gpu_caption(result: dict) -> str:
+def flat_baselines(result: dict, systems=("hf_one_at_a_time",)) -> dict[str, float]:
+    """Tokens/s of systems whose throughput does not depend on concurrency (one request at a time),
+    from the first workload that ran them."""
+    out = {}
+    for w in sorted(result.get("workloads", {})):
+        for k in systems:
+            v = result["workloads"][w]["systems"].get(k)
+            if k not in out and v and _ran(v):
+                out[k] = float(v["tokens_per_s"])
+    return out
+
+
+def environment_of(result: dict, workload: str | None = None) -> dict:
+    """The machine a workload ran on (the JSON keeps one environment, or one per workload)."""
     env = result.get("environment", {})
-    return f"{env.get('gpu', 'unknown GPU')}, {str(env.get('date', 'undated'))[:10]}"
+    if workload is not None and isinstance(env.get(workload), dict):
+        return env[workload]
+    if "gpu" not in env and env and all(isinstance(v, dict) for v in env.values()):
+        return next(iter(env.values()))
+    return env
+
+
+def gpu_caption(result: dict) -> str:
+    env = environment_of(result)
+    card = result.get("card") or env.get("gpu", "unknown GPU")
+    return f"{card.split(' (')[0]}, {str(result.get('date') or env.get('date', 'undated'))[:10]}"
 
 
 def gpu_report(result: dict) -> list[str]:
-    """The GPU run in words: per workload every system's tokens/s, warm-up and kvlab's speed-up; kvlab's
-    host share of its steps; the concurrency sweep; the decode step against its bandwidth bound."""
-    env = result.get("environment", {})
-    lines = [f"{gpu_caption(result)}: torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
-             f"kvlab commit {str(env.get('git_commit') or '?')[:7]}"]
+    """The GPU run in words: the card, per workload every system's tokens/s, warm-up and kvlab's speed-up
+    and kvlab's host share; the concurrency sweep; the decode step against its bandwidth bound."""
+    lines = [f"{result.get('card') or gpu_caption(result)}, {result.get('date') or gpu_caption(result).split(', ')[-1]}"]
+    if result.get("model"):
+        lines.append(f"model: {result['model']}")
     for w in sorted(result.get("workloads", {})):
         res = result["workloads"][w]
+        env = environment_of(result, w)
         spec = res.get("spec", {})
         lo, hi = spec.get("prompt_range", ("?", "?"))
         nlo, nhi = spec.get("new_range", ("?", "?"))
         new = f"{nlo}" if nlo == nhi else f"{nlo}..{nhi}"
         lines.append(f"workload {w}: {res['requests']} requests, prompts {lo}..{hi} tokens, {new} new tokens each, "
-                     f"{res['generated_tokens']:,} generated")
+                     f"{res['generated_tokens']:,} generated (torch {env.get('torch', '?')}, transformers "
+                     f"{env.get('transformers', '?')})")
         for k, v, x in workload_table(result, w):
             s = res["systems"][k]
-            lines.append(f"  {SYSTEM_LABELS.get(k, k):<36} {v:>9,.0f} tok/s   warm-up {s['warmup_s']:>6.1f} s"
-                         + (f"   kvlab is {x:.1f}x faster" if x else ""))
+            subset = f" (first {s['num_requests']})" if s.get("num_requests", res["requests"]) < res["requests"] else ""
+            lines.append(f"  {SYSTEM_LABELS.get(k, k) + subset:<45} {v:>9,.0f} tok/s   warm-up {s['warmup_s']:>6.1f} s"
+                         + (f"   kvlab {x:,.1f}x" if x else ""))
         steps = res["systems"].get("kvlab", {}).get("engine_steps")
         if steps:
             host = steps["schedule_s"] + steps["prepare_s"] + steps["output_s"]
@@ -681,17 +732,21 @@ def gpu_report(result: dict) -> list[str]:
                          f"of the step time")
     series = concurrency_series(result)
     if series:
-        lines.append("concurrency sweep (generated tokens/s):")
-        ns = sorted({n for xs, _ in series.values() for n in xs})
+        flat = flat_baselines(result)
         table = {k: dict(zip(*v)) for k, v in series.items()}
-        lines.append("  requests " + "".join(f"{SYSTEM_LABELS.get(k, k)[:20]:>22}" for k in table)
-                     + ("   kvlab / HF padded" if {"kvlab", "hf_padded"} <= set(table) else ""))
-        for n in ns:
-            row = "".join(f"{table[k][n]:>22,.0f}" if n in table[k] else f"{'-':>22}" for k in table)
-            ratio = ""
-            if n in table.get("kvlab", {}) and n in table.get("hf_padded", {}):
-                ratio = f"   {table['kvlab'][n] / table['hf_padded'][n]:>8.1f}x"
-            lines.append(f"  {n:>8} {row}{ratio}")
+        others = [k for k in table if k != "kvlab"] + list(flat)
+        lines.append("concurrency sweep: generated tokens/s, and kvlab's speed-up"
+                     + (f" (HF one at a time: {flat['hf_one_at_a_time']:,.1f} tok/s at any concurrency)"
+                        if "hf_one_at_a_time" in flat else ""))
+        lines.append(f"  {'requests':>8}" + "".join(f"{SHORT_LABELS.get(k, k):>18}" for k in table)
+                     + "".join(f"{'kvlab / ' + SHORT_LABELS.get(k, k):>26}" for k in others if "kvlab" in table))
+        for n in sorted({n for xs, _ in series.values() for n in xs}):
+            row = "".join(f"{table[k][n]:>18,.0f}" if n in table[k] else f"{'-':>18}" for k in table)
+            if n in table.get("kvlab", {}):
+                for k in others:
+                    base = flat.get(k, table.get(k, {}).get(n))
+                    row += f"{table['kvlab'][n] / base:>25,.1f}x" if base else f"{'-':>26}"
+            lines.append(f"  {n:>8}{row}")
     decode = result.get("decode_step")
     if decode:
         for key in sorted((k for k in decode if k.startswith("batch_")), key=lambda k: int(k.split("_")[1])):
@@ -707,52 +762,55 @@ def plot_gpu_workloads(result: dict, axes=None):
     """Tokens/s of every system on each GPU workload (log scale: the systems differ by orders of magnitude)."""
     names = sorted(result["workloads"])
     if axes is None:
-        _, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.2), squeeze=False,
+        _, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 3.4), squeeze=False,
                                constrained_layout=True)
         axes = axes[0]
     for ax, w in zip(axes, names):
+        res = result["workloads"][w]
         rows = workload_table(result, w)[::-1]
         ax.barh([SYSTEM_LABELS.get(k, k) for k, _, _ in rows], [v for _, v, _ in rows],
                 color=[SYSTEM_COLORS.get(k, "#8c8c8c") for k, _, _ in rows])
         for i, (k, v, x) in enumerate(rows):
-            ax.text(v, i, f" {v:,.0f}" + (f" ({x:.1f}x)" if x else ""), va="center", fontsize=8)
+            ax.text(v, i, f" {v:,.0f}" + (f" (kvlab {x:,.1f}x)" if x else ""), va="center", fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlim(right=max(v for _, v, _ in rows) * 20)
-        spec = result["workloads"][w]
-        ax.set_title(f"workload {w}: {spec['requests']} requests, {spec['generated_tokens']:,} tokens", fontsize=9)
-        ax.set_xlabel(f"generated tokens/s ({gpu_caption(result)})")
+        ax.set_xlim(right=max(v for _, v, _ in rows) * 30)
+        ax.set_title(f"workload {w}: {res['requests']} requests, {res['generated_tokens']:,} tokens", fontsize=9)
+        ax.set_xlabel(f"generated tokens/s, log scale ({gpu_caption(result)})")
     return axes
 
 
 def plot_concurrency(result: dict, axes=None):
-    """Tokens/s against the number of concurrent requests (left) and kvlab's speed-up over each
-    baseline (right)."""
+    """Tokens/s against the number of concurrent requests (left; one request at a time is a flat line:
+    its throughput does not depend on how many wait) and kvlab's speed-up over each baseline (right)."""
     series = concurrency_series(result)
     if not series:
         raise ValueError("the result has no 'concurrency' sweep")
+    flat = flat_baselines(result)
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 3.5), constrained_layout=True)
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.6), constrained_layout=True)
     a, b = axes
-    for k, (ns, vals) in series.items():
-        a.plot(ns, vals, "o-", color=SYSTEM_COLORS.get(k, "#8c8c8c"), label=SYSTEM_LABELS.get(k, k))
+    ns = sorted({n for xs, _ in series.values() for n in xs})
+    for k, (xs, vals) in series.items():
+        a.plot(xs, vals, "o-", color=SYSTEM_COLORS.get(k, "#8c8c8c"), label=SYSTEM_LABELS.get(k, k))
+    for k, v in flat.items():
+        a.plot([ns[0], ns[-1]], [v, v], "--", color=SYSTEM_COLORS.get(k, "#8c8c8c"),
+               label=f"{SYSTEM_LABELS.get(k, k)} (any concurrency)")
     a.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="generated tokens/s")
     a.set_title(f"throughput ({gpu_caption(result)})", fontsize=9)
     a.legend(fontsize=8)
     if "kvlab" in series:
         kv = dict(zip(*series["kvlab"]))
-        for k, (ns, vals) in series.items():
-            if k == "kvlab":
-                continue
-            common = [(n, kv[n] / v) for n, v in zip(ns, vals) if n in kv]
+        bases = {k: dict(zip(*v)) for k, v in series.items() if k != "kvlab"}
+        bases.update({k: dict.fromkeys(kv, v) for k, v in flat.items()})
+        for k, base in bases.items():
+            common = [(n, kv[n] / base[n]) for n in sorted(kv) if base.get(n)]
             if common:
-                b.plot(*zip(*common), "o-", color=SYSTEM_COLORS.get(k, "#8c8c8c"),
+                b.plot(*zip(*common), "o-" if k not in flat else "o--", color=SYSTEM_COLORS.get(k, "#8c8c8c"),
                        label=f"kvlab / {SYSTEM_LABELS.get(k, k)}")
-        b.axhline(1, color="k", lw=0.8, ls=":")
-        b.set(xscale="log", xlabel="concurrent requests", ylabel="kvlab's speed-up (x)")
-        b.set_title("the more concurrent requests, the bigger the win?", fontsize=9)
+        b.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="kvlab's speed-up (x), log scale")
+        b.set_title("kvlab's speed-up against each baseline", fontsize=9)
         b.legend(fontsize=8)
     for ax in axes:
-        ns = sorted({n for s in series.values() for n in s[0]})
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.minorticks_off()
     return axes
