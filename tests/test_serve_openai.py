@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+import torch
 
 from kvlab.engine import LLM, SamplingParams
 from kvlab.serve import ServerProcess
@@ -22,13 +23,19 @@ ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=256)
 
 @pytest.fixture(scope="module")
 def served(smollm2):
-    """(client, llm): an openai client of a server on the real model, and the same engine offline."""
-    server = ServerProcess(["--model", MODEL, "--max-num-seqs", "8", "--max-num-batched-tokens", "256"]).launch()
+    """(client, llm): an openai client of a server on the real model, and the same engine offline.
+    Both use one CPU thread: on a small shared CPU, two processes of two threads each stall one
+    another (and one thread each keeps their float sums in the same order)."""
+    server = ServerProcess(["--model", MODEL, "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
+                            "--torch-threads", "1"]).launch()
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
         llm = LLM(model=smollm2, **ENGINE)                   # loads while the server loads
         server.wait_ready()
         yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300), llm
     finally:
+        torch.set_num_threads(threads)
         server.close()
 
 
