@@ -6,10 +6,11 @@
     plot_timelines([static, continuous])                 the two as Gantt charts, one above the other
     XRay(model, requests, ...)                           steps a real engine, one Snapshot per step,
                                                          each with a StepReport: what the scheduler did, and why
+    draw_snapshot(snap), plot_snapshots(xray, steps)     the block pool at one step, or at several
     EngineXRay(...)                                      ipywidgets app over XRay: queues, block tables,
                                                          the pool's block grid, the text so far
     plot_race(summaries)                                 tokens/s of each system in a race (kvlab.bench.engine)
-    load_bench(path), workload_table(result, workload), concurrency_series(result)
+    load_bench(path), workload_table, concurrency_series, flat_baselines, gpu_report
     plot_gpu_workloads(result), plot_concurrency(result) the committed GPU results (data/bench/)
 
 Everything drawn is read from the engine (StepStats with `record_schedule`, its queues,
@@ -64,14 +65,15 @@ class Timeline:
 
 
 def timeline_from_stats(stats: Sequence, prompt_lens: dict[str, int], num_slots: int,
-                        arrival_steps: dict[str, int] | None = None, label: str = "continuous batching") -> Timeline:
+                        label: str = "continuous batching") -> Timeline:
     """A Timeline from the engine's StepStats (taken with `engine.record_schedule = True`): each step's
     `scheduled` list says which sequences computed how many tokens. A row computing tokens of its prompt
     (or more than one token: a recompute after a preemption) is PREFILL, a one-token row past the prompt
-    DECODE; a request that arrived and is not scheduled (before it starts, or preempted) is WAITING.
+    DECODE; a request not scheduled before its last step (not yet admitted, or preempted) is WAITING.
+    Every request is taken to arrive before the first step (LLM.generate).
 
     stats: the steps of one run, in order; prompt_lens: request id -> prompt tokens (one sequence per
-    request); arrival_steps: request id -> index of the step it arrived before (default 0 for all)."""
+    request)."""
     stats = list(stats)
     if stats and not any(s.scheduled for s in stats):
         raise ValueError("the steps carry no schedule: set engine.record_schedule = True before stepping")
@@ -88,11 +90,9 @@ def timeline_from_stats(stats: Sequence, prompt_lens: dict[str, int], num_slots:
             grid[row[rid], t] = PREFILL if (n > 1 or in_prompt) else DECODE
             computed[rid] += n
             last[rid] = t
-    arrival_steps = arrival_steps or {}
     for rid, i in row.items():
-        start = arrival_steps.get(rid, 0)
         end = last[rid] if last[rid] >= 0 else len(stats) - 1
-        span = grid[i, start:end + 1]
+        span = grid[i, :end + 1]
         span[span == ABSENT] = WAITING
     return Timeline(ids, grid, num_slots, label)
 
@@ -193,7 +193,7 @@ class Row:
     kind: str
     start: int
     end: int
-    cached: int = 0               # admitted in this step: prompt tokens the prefix cache supplied
+    cached: int = 0               # admitted in this step: tokens the prefix cache supplied
     admitted: bool = False
     more: bool = False            # a prefill chunk with more of the prompt to come (chunked prefill)
     order: int = 0                # place in the running queue (admission order)
@@ -222,8 +222,8 @@ class StepReport:
         if self.arrived:
             out.append(f"  arrived: {', '.join(self.arrived)}")
         for r in self.preempted:
-            out.append(f"  preempted {r}: a decode needed a new block and none was free, so the newest running "
-                       f"request gave its blocks back and went to the head of the queue (recomputed later)")
+            out.append(f"  preempted {r}: a decode needed a block and none was free; the newest running request "
+                       f"gave its blocks back and waits at the head of the queue, to be recomputed")
         for row in sorted(self.rows, key=lambda r: r.order):       # in admission order
             if row.kind == "decode":
                 continue
