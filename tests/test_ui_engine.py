@@ -339,6 +339,12 @@ def test_engine_xray_widget_shows_errors(tiny_llama, monkeypatch):
     assert w.shown_step == 0
     w.next()
     assert w.error is None and w.shown_step == 1
+    w.run()
+    last = w.shown_step
+    w.next()                                                            # every request done: said, not raised
+    assert "nothing left" in w.error and w.shown_step == last
+    w.back()                                                            # moving back clears the message
+    assert w.error is None and w.shown_step == last - 1 and "kvlab-error" not in w.message.value
     monkeypatch.setattr(ui, "draw_snapshot", lambda *a, **k: 1 / 0)
     w.back()
     assert "internal error (ZeroDivisionError" in w.message.value and w.shown_step == 1

@@ -530,6 +530,7 @@ class EngineXRay:
         self._go(len(self.xray.snapshots) - 1)
 
     def back(self) -> None:
+        self.error = None                     # the last error was about stepping forward
         self._go(max(0, self.slider.value - 1))
 
     def run(self) -> None:
