@@ -203,6 +203,18 @@ def hf_padded(lm, requests, static: bool = False) -> tuple[list, list]:
     return [r[0] for r in results], [r[1] for r in results]
 
 
+def hf_static_batches(lm, requests, batch_size: int) -> tuple[list, list]:
+    """Static batching with at most `batch_size` rows: padded batches one after another, each
+    waiting for the previous one to finish; times count from the start of the first."""
+    start, ttft, tpot = time.perf_counter(), [], []
+    for i in range(0, len(requests), batch_size):
+        offset = time.perf_counter() - start
+        t, p = hf_padded(lm, requests[i:i + batch_size])
+        ttft += [x + offset for x in t]
+        tpot += p
+    return ttft, tpot
+
+
 def hf_continuous(lm, requests) -> tuple[list, list]:
     """transformers' continuous batching manager, one request per prompt with its own length."""
     from transformers import GenerationConfig

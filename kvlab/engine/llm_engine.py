@@ -73,6 +73,8 @@ class LLMEngine:
         self.init_time = time.perf_counter() - t0             # KV sizing, allocation, CUDA graph capture
         self.stats: deque[StepStats] = deque(maxlen=MAX_STEP_STATS)
         self.record_schedule = False                          # keep each step's (seq, tokens) list: timelines
+        self.on_schedule = None                               # called with each SchedulerOutput before the forward
+                                                              # pass (tools that show the decision: ui.engine's x-ray)
         self.num_steps = 0
 
     @classmethod
@@ -123,6 +125,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         t1 = time.perf_counter()
+        running, waiting, used = len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_used_blocks
+        if self.on_schedule is not None:
+            self.on_schedule(out)
         if out.is_empty:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could schedule nothing although requests are waiting: "
@@ -135,10 +140,9 @@ class LLMEngine:
         t3 = time.perf_counter()
         self.num_steps += 1
         self.stats.append(StepStats(
-            step=self.num_steps, time=t0, num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting), num_decode_seqs=out.num_decodes,
+            step=self.num_steps, time=t0, num_running=running, num_waiting=waiting, num_decode_seqs=out.num_decodes,
             num_prefill_seqs=len(out.scheduled) - out.num_decodes, num_scheduled_tokens=out.num_batched_tokens,
-            num_blocks_used=self.allocator.num_used_blocks, num_preempted=len(out.preempted),
+            num_blocks_used=used, num_preempted=len(out.preempted),
             schedule_time=t1 - t0, prepare_time=result.prepare_time, forward_time=result.forward_time,
             device_time=result.device_time, output_time=t3 - t2, cuda_graph=result.cuda_graph,
             scheduled=[(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] if self.record_schedule else []))

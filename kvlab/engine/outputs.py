@@ -82,12 +82,12 @@ class StepStats:
     """One engine step, as the scheduler and the runner saw it."""
     step: int
     time: float                     # perf_counter at the start of the step
-    num_running: int                # sequences running after scheduling
-    num_waiting: int                # sequences still waiting after scheduling
+    num_running: int                # sequences running once the scheduler decided (before the forward pass)
+    num_waiting: int                # sequences still waiting then
     num_decode_seqs: int            # rows with one new token
     num_prefill_seqs: int           # rows with a prompt chunk
     num_scheduled_tokens: int       # tokens in the step's flattened batch
-    num_blocks_used: int            # KV blocks held after scheduling
+    num_blocks_used: int            # KV blocks held once the scheduler decided (finishers still hold theirs)
     num_preempted: int              # sequences preempted this step
     schedule_time: float = 0.0      # seconds: the scheduler's decisions
     prepare_time: float = 0.0       # seconds: building the step's metadata tensors (host)

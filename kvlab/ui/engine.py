@@ -266,8 +266,9 @@ class XRay:
         xray.run()           # until every request is done
         xray.snapshots[k]    # the state after k steps; .report says what step k did and why
 
-    Each report is the scheduler's own decision (its SchedulerOutput, read the moment `schedule()`
-    returns, with the pool and queues as it saw them), plus who finished after the forward pass.
+    Each report is the scheduler's own decision (its SchedulerOutput, read through the engine's
+    `on_schedule` hook the moment `schedule()` returns, with the pool and queues as it saw them),
+    plus who finished after the forward pass.
 
     requests: (request_id, prompt, SamplingParams[, arrival step]) with n = 1. Engine keywords go to
     EngineConfig (prefix caching on, as the engine's default)."""
@@ -321,17 +322,14 @@ class XRay:
         waiting = {id(s) for s in sched.waiting}
         decision: dict = {}
 
-        def probe():                                    # the scheduler's decision, before the forward pass
-            out = original()
+        def probe(out):                                 # the scheduler's decision, before the forward pass
             decision["report"] = self._decision(out, waiting, arrived, k + 1)
-            return out
 
-        original = sched.schedule
-        sched.schedule = probe                          # an instance attribute shadows the method for one step
+        engine.on_schedule = probe
         try:
             engine.step()
         finally:
-            del sched.schedule
+            engine.on_schedule = None
         report = decision.get("report")
         if report is not None and report.rows:
             report.finished = [(rid, self._seq(rid).finish_reason) for rid in unfinished if self._seq(rid).finished]
