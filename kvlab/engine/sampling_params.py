@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import enum
 import math
-import numbers
 from dataclasses import dataclass, field
+
+from kvlab import checks
 
 
 class RequestOutputKind(enum.Enum):
@@ -83,18 +84,10 @@ class SamplingParams:
 
 
 def _int(name: str, value, low: int, allowed: str | None = None) -> int:
-    allowed = allowed or f"an integer >= {low}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{name} must be {allowed}, got {int(value)}")
-    return int(value)
+    return checks.integer(name, value, minimum=low, allowed=allowed or f"an integer >= {low}")
 
 
 def _float(name: str, value, low: float, allowed: str, low_open: bool = False, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return value
+    """A finite number in [low, high] (low excluded when low_open)."""
+    return checks.in_range(name, value, low, math.inf if high is None else high, allowed, low_open=low_open,
+                           high_open=high is None)
