@@ -87,11 +87,11 @@ def nothing_loads(monkeypatch):
     ("../models/x", ValueError, "no such directory: '../models/x'"),
     ("~/no/such/model", ValueError, "no such directory: '~/no/such/model'"),
     ("a/b/c", ValueError, "no such directory: 'a/b/c'"),
-    ("", ValueError, "model name must be one of smollm2-135m, tiny-llama-random, tiny-gpt2-random, a Hugging Face "
+    ("", ValueError, "model name must be one of smollm2-135m, tiny-llama-random, tiny-gpt2-random, smollm2-135m-random, a Hugging Face "
                      "hub id ('org/model') or a local model directory, got ''"),
     ("  ", ValueError, "model name must be one of"),
     ("org/has space", ValueError, "'org/has space' is not a Hugging Face hub id"),
-    (None, TypeError, "model name must be one of smollm2-135m, tiny-llama-random, tiny-gpt2-random, a Hugging Face "
+    (None, TypeError, "model name must be one of smollm2-135m, tiny-llama-random, tiny-gpt2-random, smollm2-135m-random, a Hugging Face "
                       "hub id ('org/model') or a local model directory, got None"),
     (["gpt2"], TypeError, "got list ['gpt2']"),
 ])
