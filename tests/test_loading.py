@@ -168,3 +168,15 @@ def test_unreachable_hub_fails_fast(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("ERR") and "the hub is unreachable" in out and "'smollm2-135m'" in out
     assert float(out.split("SECONDS")[1]) < 10
+
+
+def test_random_smollm2_has_the_real_models_shapes(smollm2):
+    """'smollm2-135m-random' is SmolLM2-135M's architecture (the same ModelSpec but its name, the same
+    parameter count) with seeded random weights: equal on every load, different from the real ones."""
+    from kvlab.model.loading import load_model
+
+    a, b = load_model("smollm2-135m-random"), load_model("smollm2-135m-random")
+    assert a.spec.replace(name="x") == smollm2.spec.replace(name="x")
+    assert sum(p.numel() for p in a.hf_model.parameters()) == sum(p.numel() for p in smollm2.hf_model.parameters())
+    wa, wb = a.hf_model.model.layers[0].mlp.up_proj.weight, b.hf_model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(wa, wb) and not torch.equal(wa, smollm2.hf_model.model.layers[0].mlp.up_proj.weight)
