@@ -8,7 +8,6 @@ the keyword arguments a vLLM script passes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from kvlab.engine.sampling_params import _float, _int
@@ -81,6 +80,3 @@ class EngineConfig:
         if sizes[-1] != self.max_num_seqs:
             sizes.append(self.max_num_seqs)
         return sizes
-
-    def max_blocks_per_seq(self, max_model_len: int) -> int:
-        return math.ceil(max_model_len / self.block_size)
