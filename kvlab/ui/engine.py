@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import html
-import io
 import json
 import textwrap
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from kvlab.ui.figures import png
 from kvlab.ui.paged import CACHED, FREE, PALETTE, draw_pool
 
 # ---------------------------------------------------------------------------- timelines
@@ -549,9 +549,7 @@ class EngineXRay:
             fig = Figure(figsize=(10, 0.5 * -(-snap.pool.num_blocks // self.cols) + 1.2), dpi=80)
             draw_snapshot(snap, self.xray.colors, fig.add_subplot(), cols=self.cols)
             fig.subplots_adjust(left=0.02, right=0.8, top=0.85, bottom=0.02)
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png")
-            self.image.value = buf.getvalue()
+            self.image.value = png(fig)
             self.shown_step = k
             done = " (every request is done)" if self.xray.done and k == len(self.xray.snapshots) - 1 else ""
             self.message.value = self._error_html() or f"step {k} of {len(self.xray.snapshots) - 1} taken{done}"

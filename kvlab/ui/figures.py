@@ -21,6 +21,24 @@ PART_LABELS = {"projections": "projections (Q, K, V, O)", "attention": "attentio
                "ffn": "FFN", "lm_head": "LM head"}
 
 
+def png(fig) -> bytes:
+    """A figure rendered to PNG bytes, for an ipywidgets Image (the widgets draw on their own
+    Figure objects, never on pyplot's global state)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def error_html(message: str, monospace: bool = False) -> str:
+    """How every widget shows a problem in its message area instead of raising."""
+    import html
+
+    font = ";font-family:monospace" if monospace else ""
+    return f"<div class='kvlab-message kvlab-error' style='color:#b00020{font}'>⚠ {html.escape(message)}</div>"
+
+
 def _axes(ax, ncols: int = 1, figsize=(6, 4)):
     if ax is not None:
         return ax

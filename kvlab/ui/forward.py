@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 
-import io
 
 import ipywidgets as W
 from IPython.display import display
@@ -25,7 +24,7 @@ from matplotlib.figure import Figure
 from kvlab.model.flops import LOGITS, FlopCount, forward_flops, prefill_fit
 from kvlab.model.presets import list_presets
 from kvlab.model.spec import ModelSpec
-from kvlab.ui.figures import PART_LABELS, plot_flop_shares
+from kvlab.ui.figures import PART_LABELS, error_html, plot_flop_shares, png
 
 # 16 .. 131,072 tokens: powers of two and the halfway points between them (16, 24, 32, 48, ...)
 PROMPT_LENGTHS = sorted({n for p in range(4, 18) for n in (2 ** p, 3 * 2 ** (p - 1))} - {3 * 2 ** 16})
@@ -79,8 +78,7 @@ class FlopSplit:
                 self._show(fig)
         except Exception as err:      # a widget never raises out of a callback: say what went wrong
             self.counts, self.error = None, str(err)
-            self.results.value = ("<div class='kvlab-message kvlab-error' style='color:#b00020;font-family:monospace'>"
-                                  f"⚠ {html.escape(str(err))}</div>")
+            self.results.value = error_html(str(err), monospace=True)
             self.figure, self.image.value = None, b""
             return
         self.counts, self.error = counts, None
@@ -104,9 +102,7 @@ class FlopSplit:
                 " tokens</div></div>")
 
     def _show(self, fig: Figure) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        self.figure, self.image.value = fig, buf.getvalue()
+        self.figure, self.image.value = fig, png(fig)
 
     def _ipython_display_(self):
         display(self.widget)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import importlib
-import io
 import math
 
 import ipywidgets as W
@@ -29,6 +28,7 @@ from kvlab.kernels.flash_reference import DIAGONAL, FULL, SKIPPED
 from kvlab.memory import kv_cache_bytes, weight_bytes
 from kvlab.model.flops import H100_SXM, GpuPeak, forward_flops
 from kvlab.model.spec import ModelSpec
+from kvlab.ui.figures import png
 
 _pa = importlib.import_module("kvlab.kernels.paged_attention")   # the module (kvlab.kernels exports the function)
 
@@ -187,9 +187,7 @@ class SplitKExplorer(W.VBox):
             self.readout.value = ""
             fig = Figure(figsize=(10, 3), dpi=72)
             fig.text(0.5, 0.5, "nothing to draw: see the message", ha="center", va="center")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        self.image.value = buf.getvalue()
+        self.image.value = png(fig)
 
     def _readout(self, p: dict) -> str:
         cfg, sms = p["config"], GPUS[self.gpu.value]

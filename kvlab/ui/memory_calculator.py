@@ -27,6 +27,7 @@ from IPython.display import display
 from kvlab import memory
 from kvlab.model.presets import PRESETS, list_presets
 from kvlab.model.spec import ModelSpec
+from kvlab.ui.figures import error_html
 
 CUSTOM = "custom"
 DTYPES = list(memory.KV_DTYPE_BITS)
@@ -268,7 +269,7 @@ class MemoryCalculator:
         return ("<div style='font-family:monospace;font-size:13px'>"
                 "<table><tr><td><b>max concurrent requests</b></td><td><b>"
                 "<span class='kvlab-max-concurrency'>n/a</span></b></td></tr></table>"
-                f"<div class='kvlab-message kvlab-error' style='color:#b00020'>⚠ {html.escape(message)}</div></div>")
+                f"{error_html(message)}</div>")
 
     def _ipython_display_(self):
         display(self.widget)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 
-import io
 
 import ipywidgets as W
 from IPython.display import display
@@ -27,7 +26,7 @@ from matplotlib.figure import Figure
 from kvlab.model.flops import H100_SXM, DecodeStepCost, GpuPeak, decode_step_cost
 from kvlab.model.presets import list_presets
 from kvlab.model.spec import ModelSpec
-from kvlab.ui.figures import plot_roofline
+from kvlab.ui.figures import error_html, plot_roofline, png
 
 BATCH_MAX = 1024
 CONTEXT_MIN, CONTEXT_MAX = 16, 131_072
@@ -86,8 +85,7 @@ class DecodeRoofline:
                 self._show(fig)
         except Exception as err:      # a widget never raises out of a callback: say what went wrong
             self.cost, self.error = None, str(err)
-            self.results.value = ("<div class='kvlab-message kvlab-error' style='color:#b00020;font-family:monospace'>"
-                                  f"⚠ {html.escape(str(err))}</div>")
+            self.results.value = error_html(str(err), monospace=True)
             self.figure, self.image.value = None, b""
             return
         self.cost, self.error = cost, None
@@ -111,9 +109,7 @@ class DecodeRoofline:
                 f"vs weights {cost.weights.bytes / 1e6:,.1f} MB</div></div>")
 
     def _show(self, fig: Figure) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        self.figure, self.image.value = fig, buf.getvalue()
+        self.figure, self.image.value = fig, png(fig)
 
     def _ipython_display_(self):
         display(self.widget)
