@@ -50,10 +50,14 @@ def metadata(backend, cache, tables, cached, new, slots, device="cpu"):
     if backend == "triton":
         md.decode_block_tables = torch.from_numpy(tables[:nd].copy())
         md.decode_seq_lens = torch.from_numpy((cached + new)[:nd].astype(np.int32))
+        md.prefill_block_tables = torch.from_numpy(tables[nd:].copy())
+        md.prefill_query_start = torch.from_numpy(np.concatenate([[0], np.cumsum(new[nd:])]).astype(np.int32))
+        md.prefill_context_lens = torch.from_numpy(cached[nd:].astype(np.int32))
+        md.prefill_max_query_len = int(new[nd:].max())
     else:
         md.decode_layout = GatheredLayout.build(starts[:nd], new[:nd], cached[:nd], tables[:nd], BS, device)
-    md.prefill_layout = GatheredLayout.build(starts[nd:] - starts[nd], new[nd:], cached[nd:], tables[nd:], BS,
-                                             device)
+        md.prefill_layout = GatheredLayout.build(starts[nd:] - starts[nd], new[nd:], cached[nd:], tables[nd:], BS,
+                                                 device)
     return md
 
 
@@ -67,9 +71,9 @@ def test_gathered_attention_equals_dense_causal_attention():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through Triton's interpreter; tests/test_gpu.py "
                     "runs the engine's kernel path on a GPU")
-def test_triton_decode_rows_equal_the_torch_path():
-    """fp32 (the interpreter's dot is exact enough): decode rows through the Triton kernel, prefill
-    rows through gather + SDPA, against the all-torch step."""
+def test_triton_kernels_equal_dense_causal_attention():
+    """fp32 (the interpreter's dot is exact enough): decode rows through the decode kernel, prefill
+    rows (one after 5 cached tokens) through the prefill kernel, against dense causal attention."""
     cache, tables, cached, new, q, k, v, qf, kf, vf, slots = step_inputs(torch.float32, seed=1)
     triton = EngineAttention(cache, "triton")
     triton.metadata = metadata("triton", cache, tables, cached, new, slots)

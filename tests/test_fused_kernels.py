@@ -86,3 +86,26 @@ def test_gpt2_cannot_fuse():
     assert not model.can_fuse()
     with pytest.raises(ValueError, match="Llama-family"):
         model.use_fused_kernels()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (interpreter) test; tests/test_gpu.py captures the graphs")
+def test_piecewise_path_equals_hf(tiny_llama):
+    """The mixed-step path of piecewise CUDA graphs, run eagerly: each step's tokens padded up to a
+    piece size in static buffers, pieces called in order, attention in between on the real tokens
+    only. With chunked prefill (budget 24: pieces of 16 and 24 tokens, decode rows beside prompt
+    chunks) every request's tokens equal HF generate's."""
+    llm = kvlab.LLM(model=tiny_llama, fused_kernels=True, max_num_batched_tokens=24, max_num_seqs=4)
+    runner = llm.engine.runner
+    runner._build_pieces(capture=False)
+    assert list(runner.pieces) == [16, 24]
+    prompts = [tiny_llama.encode(t) for t in ("The weather today is", "Paged attention stores keys and values " * 6,
+                                              "One, two, three, four, five, six, seven, eight, nine, ten, eleven,")]
+    params = kvlab.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    stats = list(llm.engine.stats)
+    assert any(s.piecewise_graph and s.num_decode_seqs and s.num_prefill_seqs for s in stats)
+    for prompt, out in zip(prompts, outs):
+        x = torch.tensor([prompt])
+        hf = tiny_llama.hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False,
+                                          pad_token_id=2, eos_token_id=None)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == hf

@@ -60,7 +60,8 @@ def engine_for(hf, **kwargs):
 def test_engine_greedy_equals_hf_generate_on_gpu(kwargs):
     """fp32 (bf16 ties would make greedy tokens flip): 12 prompts of 3..150 tokens through kvlab's
     engine on the GPU: decode steps replay captured CUDA graphs (the Triton kernel inside), mixed
-    steps run eagerly, blocks scattered; every token equals HF generate's."""
+    steps replay piecewise graphs with attention eager between them, blocks scattered; every token
+    equals HF generate's."""
     hf = hf_model(torch.float32)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 9, 17, 33, 40, 64, 5, 90, 150, 12, 77, 1)]
@@ -71,6 +72,8 @@ def test_engine_greedy_equals_hf_generate_on_gpu(kwargs):
     assert [o.outputs[0].token_ids for o in outs] == expected
     stats = list(llm.engine.stats)
     assert any(s.cuda_graph for s in stats) and any(not s.cuda_graph for s in stats)
+    assert llm.engine.runner.pieces, "no piecewise graph was captured"
+    assert all(s.cuda_graph or s.piecewise_graph for s in stats)      # mixed steps replay graph pieces
     if "num_kv_blocks" in kwargs:
         assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.allocator.num_free_blocks == llm.engine.allocator.num_blocks

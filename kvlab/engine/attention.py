@@ -21,11 +21,13 @@ Projections, MLP and norms do not care which sequence a token belongs to: they r
 
 Each layer, `EngineAttention` (the model's attention function, kvlab.model.attention)
 first writes the step's new K/V into the pool through slot_mapping (so a chunk reads its
-own keys back from the cache), then attends: decode rows through the Triton kernel on a
-GPU, or "gather + SDPA" (below) where that is faster (the CPU: the interpreter is slow);
-prefill rows through gather + SDPA on a padded (rows, T, S) layout whose gather indices and
-causal mask are built once per step, not per layer. The logits are computed only at
-`logits_indices`, the last token of each row that samples.
+own keys back from the cache), then attends. On a GPU (backend "triton") decode rows go
+through the paged decode kernel and prefill rows through the paged prefill kernel
+(kvlab.kernels.prefill_attention: block_tables (P, max_blocks), query_start (P + 1,),
+context_lens (P,)), both reading the cache in place. On the CPU (backend "torch": the
+interpreter is slow) both go through "gather + SDPA" (below): a padded (rows, T, S) layout
+whose gather indices and causal mask are built once per step, not per layer. The logits
+are computed only at `logits_indices`, the last token of each row that samples.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.kernels import paged_attention_launch
+from kvlab.kernels.prefill_attention import prefill_attention_launch
 from kvlab.paged.kv_cache import PagedKVCache
 
 
@@ -100,40 +103,45 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None   # int32 (D, max_blocks)  (kernel path)
     decode_seq_lens: torch.Tensor | None = None       # int32 (D,)             (kernel path)
     decode_layout: GatheredLayout | None = None       # (torch path)
-    prefill_layout: GatheredLayout | None = None      # rows with several queries
+    prefill_layout: GatheredLayout | None = None      # rows with several queries (torch path)
+    prefill_block_tables: torch.Tensor | None = None  # int32 (P, max_blocks)  (kernel path)
+    prefill_query_start: torch.Tensor | None = None   # int32 (P + 1,)         (kernel path)
+    prefill_context_lens: torch.Tensor | None = None  # int32 (P,)             (kernel path)
+    prefill_max_query_len: int = 0                    # the longest chunk: the kernel's grid
 
 
 class EngineAttention:
     """The attention function (kvlab.model.attention.AttentionFn) of the engine's forward pass.
     Set `metadata` before each pass; q, k, v arrive flattened: (N, heads, head_dim)."""
 
-    def __init__(self, cache: PagedKVCache, decode_backend: str):
-        if decode_backend not in ("triton", "torch"):
-            raise ValueError(f"decode_backend must be 'triton' or 'torch', got {decode_backend!r}")
+    def __init__(self, cache: PagedKVCache, backend: str):
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
         self.cache = cache
-        self.decode_backend = decode_backend
+        self.backend = backend
         self.scale = cache.head_dim ** -0.5                 # softmax(q k^T / sqrt(head_dim))
         self.metadata: AttentionMetadata | None = None
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
+                 positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: where to write (N, Hq, D), e.g. the static buffer of piecewise CUDA graphs."""
         md = self.metadata
         self.cache.write(layer_idx, md.slot_mapping, k, v)             # every new token's K/V first
         k_cache, v_cache = self.cache.k_cache(layer_idx), self.cache.v_cache(layer_idx)
+        out = torch.empty_like(q) if out is None else out
         nd = md.num_decode_tokens
-        if nd == q.shape[0] and md.prefill_layout is None:             # a decode-only step
-            return self._decode(q, k_cache, v_cache)
-        out = torch.empty_like(q)
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache)
+            self._decode(q[:nd], k_cache, v_cache, out[:nd])
         if md.prefill_layout is not None:
             out[nd:] = gathered_attention(q[nd:], k_cache, v_cache, md.prefill_layout)
+        elif md.prefill_context_lens is not None:
+            prefill_attention_launch(q[nd:], k_cache, v_cache, md.prefill_block_tables, md.prefill_query_start,
+                                     md.prefill_context_lens, md.prefill_max_query_len, self.scale, out[nd:])
         return out
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         md = self.metadata
-        if self.decode_backend == "torch":
-            return gathered_attention(q, k_cache, v_cache, md.decode_layout)
-        out = torch.empty_like(q)                                       # (D, Hq, head_dim)
-        return paged_attention_launch(q, k_cache, v_cache, md.decode_block_tables, md.decode_seq_lens,
-                                      self.scale, out)
+        if self.backend == "torch":
+            out.copy_(gathered_attention(q, k_cache, v_cache, md.decode_layout))
+        else:
+            paged_attention_launch(q, k_cache, v_cache, md.decode_block_tables, md.decode_seq_lens, self.scale, out)

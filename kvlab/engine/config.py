@@ -80,3 +80,10 @@ class EngineConfig:
         if sizes[-1] != self.max_num_seqs:
             sizes.append(self.max_num_seqs)
         return sizes
+
+    def piece_token_sizes(self) -> list[int]:
+        """Token counts of mixed steps captured as piecewise CUDA graphs (kvlab.engine.model_runner):
+        16 ... 256 by powers of two, then every 256 up to max_num_batched_tokens; a step pads up."""
+        top = self.max_num_batched_tokens
+        sizes = [n for n in (16, 32, 64, 128, 256) if n < top] + list(range(512, top, 256))
+        return sizes + [top]

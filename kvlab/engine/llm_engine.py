@@ -145,6 +145,7 @@ class LLMEngine:
             num_blocks_used=used, num_preempted=len(out.preempted),
             schedule_time=t1 - t0, prepare_time=result.prepare_time, forward_time=result.forward_time,
             device_time=result.device_time, output_time=t3 - t2, cuda_graph=result.cuda_graph,
+            piecewise_graph=result.piecewise,
             scheduled=[(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] if self.record_schedule else []))
         return outputs
 

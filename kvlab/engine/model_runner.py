@@ -1,4 +1,4 @@
-"""The model runner: the KV pool, one forward pass per step, CUDA graphs for decode.
+"""The model runner: the KV pool, one forward pass per step, CUDA graphs.
 
     runner = ModelRunner(model, config, max_model_len)   # sizes and allocates the KV pool
     sampled = runner.execute(scheduler_output)            # {sequence: token id}
@@ -27,8 +27,24 @@ runner captures the whole forward of a decode-only step at a set of batch sizes 
 CUDA graphs (static input buffers, the Triton kernel reading block tables from them); a
 decode step copies its inputs into the buffers of the next captured size up, padding rows
 with slot -1 (nothing written) and length 0 (nothing read), and replays the graph: one
-launch. Steps with prefill chunks run eagerly. (nano-vllm's capture_cudagraph; vLLM v1
-captures piecewise graphs around attention so that mixed steps replay too.)
+launch (nano-vllm's capture_cudagraph).
+
+Piecewise CUDA graphs. A step with prefill chunks cannot replay that graph: its rows have
+many queries each, and their number and lengths change every step. Under load almost
+every step is such a mixed step (a request finishes, a waiting one is admitted and
+prefilled beside the decodes), so eager launches would set the pace: about 10 ms of host
+time per step, several times the GPU's work. Only attention cares where the sequences
+start; everything else in a layer works on (N, hidden) rows of tokens. So, as vLLM v1
+does, the runner also captures the forward in pieces cut at the attention calls
+(Transformer.fused_piece: L + 1 pieces for L layers) for a set of token counts N, reading
+and writing static buffers; a mixed step pads its N tokens up to the next captured count,
+replays piece 0, runs attention eagerly on the real tokens, replays piece 1, and so on:
+
+    [embed, norm, qkv, rope]  attn 0  [o, add+norm, MLP, add+norm, qkv, rope]  attn 1  ...  [..., final norm]
+     graph piece 0            eager    graph piece 1                           eager       graph piece L
+
+Padding tokens compute on stale ids and are never read: attention writes only the real
+tokens' K/V and outputs, and the LM head reads only the rows that sample.
 """
 
 from __future__ import annotations
@@ -58,7 +74,8 @@ class StepResult:
     prepare_time: float                  # seconds building inputs on the host
     forward_time: float                  # seconds from launch until the tokens are on the host
     device_time: float | None            # GPU seconds (CUDA events), None on the CPU
-    cuda_graph: bool
+    cuda_graph: bool                     # the whole forward replayed one graph (a decode-only step)
+    piecewise: bool = False              # a mixed step: graph pieces, attention eager in between
 
 
 class ModelRunner:
@@ -75,7 +92,7 @@ class ModelRunner:
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if self.is_cuda else "torch"
-        self.decode_backend = backend
+        self.backend = backend
         fused = config.fused_kernels
         if fused or (fused is None and self.is_cuda and model.can_fuse()):
             model.use_fused_kernels()                     # ~12 kernels per layer instead of ~40
@@ -85,12 +102,15 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._size_kv_pool()
         self.cache = PagedKVCache.from_spec(self.spec, self.num_blocks, self.block_size, dtype=self.dtype,
                                             device=self.device)
-        self.attn = EngineAttention(self.cache, self.decode_backend)
+        self.attn = EngineAttention(self.cache, self.backend)
         self.tables = np.zeros((config.max_num_seqs, self.max_blocks), dtype=np.int32)  # row per running seq
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pieces: dict[int, list] = {}                # token count -> L + 1 callables (graph replays)
         self.graph_capture_time = 0.0
-        if self.is_cuda and not config.enforce_eager and self.decode_backend == "triton":
+        if self.is_cuda and not config.enforce_eager and self.backend == "triton":
             self._capture_cuda_graphs()
+        if self.is_cuda and not config.enforce_eager and self.fused_kernels:
+            self._build_pieces(capture=True)
 
     @property
     def block_bytes(self) -> int:
@@ -144,23 +164,35 @@ class ModelRunner:
             width = int((seq_lens.max() + self.block_size - 1) // self.block_size)
             if num_decode:
                 tables = self.tables[rows[:num_decode], :width]
-                if self.decode_backend == "triton":
+                if self.backend == "triton":
                     md.decode_block_tables = dev(np.ascontiguousarray(tables), torch.int32)
                     md.decode_seq_lens = dev(seq_lens[:num_decode], torch.int32)
                 else:
                     md.decode_layout = GatheredLayout.build(starts[:num_decode], num_new[:num_decode],
                                                             context[:num_decode], tables, self.block_size,
                                                             self.device)
-            if num_decode < n_rows:
+            if num_decode < n_rows and self.backend == "triton":
+                chunks = num_new[num_decode:]
+                md.prefill_block_tables = dev(np.ascontiguousarray(self.tables[rows[num_decode:], :width]), torch.int32)
+                md.prefill_query_start = dev(np.concatenate([[0], np.cumsum(chunks)]), torch.int32)
+                md.prefill_context_lens = dev(context[num_decode:], torch.int32)
+                md.prefill_max_query_len = int(chunks.max())
+            elif num_decode < n_rows:
                 md.prefill_layout = GatheredLayout.build(starts[num_decode:] - starts[num_decode],
                                                          num_new[num_decode:], context[num_decode:],
                                                          self.tables[rows[num_decode:], :width], self.block_size,
                                                          self.device)
             self.attn.metadata = md
             sample_rows = dev((ends - 1)[np.array(logit_rows, dtype=np.int64)])   # none: no LM head at all
-            ids_t, pos_t = dev(ids), dev(positions)
-            t1 = time.perf_counter()
-            logits = self.model.forward(ids_t, pos_t, self.attn, logits_indices=sample_rows)
+            piece_size = self._piece_size(n_tokens)
+            if piece_size:
+                self._fill_piece_inputs(ids, positions)
+                t1 = time.perf_counter()
+                logits = self._run_pieces(piece_size, n_tokens, sample_rows)
+            else:
+                ids_t, pos_t = dev(ids), dev(positions)
+                t1 = time.perf_counter()
+                logits = self.model.forward(ids_t, pos_t, self.attn, logits_indices=sample_rows)
             logit_rows = list(range(len(sampling)))
         tokens, logprobs = self._sample(logits, logit_rows, sampling)
         if self.is_cuda:
@@ -168,7 +200,8 @@ class ModelRunner:
         token_list = tokens.tolist()                        # the one device-to-host sync of the step
         device_time = start_ev.elapsed_time(end_ev) / 1e3 if self.is_cuda else None
         t2 = time.perf_counter()
-        return StepResult(dict(zip(sampling, token_list)), logprobs, t1 - t0, t2 - t1, device_time, bool(graph_bs))
+        return StepResult(dict(zip(sampling, token_list)), logprobs, t1 - t0, t2 - t1, device_time, bool(graph_bs),
+                          piecewise=not graph_bs and bool(piece_size))
 
     def _sync_block_tables(self, items) -> None:
         """Copy into the persistent buffer only the table entries that changed since last step."""
@@ -263,6 +296,85 @@ class ModelRunner:
         h[3 * big + n:3 * big + bs] = 0
         h[4 * big:].reshape(big, self.max_blocks)[:n] = self.tables[rows]
         self.g_buf.copy_(self.g_host, non_blocking=True)
+
+    # ------------------------------------------------------------------ piecewise CUDA graphs
+    def _piece_size(self, n_tokens: int) -> int:
+        """The captured token count a mixed step of n_tokens pads up to, or 0 to run eagerly."""
+        for size in self.pieces:                           # ascending
+            if size >= n_tokens:
+                return size
+        return 0
+
+    @torch.inference_mode()
+    def _build_pieces(self, capture: bool) -> None:
+        """Static buffers for steps of up to T tokens, and for each token count N the forward's
+        L + 1 pieces on the first N rows of those buffers, captured as CUDA graphs (all sharing
+        one memory pool: a piece keeps nothing in it, everything it hands on is copied out to
+        the static buffers). capture=False keeps the pieces as plain calls: the same path, eager
+        (how the CPU tests check it)."""
+        t0 = time.perf_counter()
+        m, dev, dt = self.model, self.device, self.dtype
+        sizes = self.config.piece_token_sizes()
+        big = sizes[-1]
+        self.p_buf = torch.zeros(2 * big, dtype=torch.int32, device=dev)          # [ids | positions]
+        self.p_host = torch.zeros(2 * big, dtype=torch.int32, pin_memory=self.is_cuda)
+        self.p_host_np = self.p_host.numpy()
+        self.p_ids, self.p_pos = self.p_buf[:big], self.p_buf[big:]
+        self.p_attn = torch.zeros(big, m.num_heads, m.head_dim, dtype=dt, device=dev)     # attention's output
+        self.p_qkv = torch.zeros(big, (m.num_heads + 2 * m.num_kv_heads) * m.head_dim, dtype=dt, device=dev)
+        self.p_residual = torch.zeros(big, m.embed_tokens.shape[1], dtype=dt, device=dev)
+        self.p_hidden = torch.zeros_like(self.p_residual)                         # the last piece's output
+        pool = None
+        for n in reversed(sizes):                          # largest first
+            calls = [self._piece_call(j, n) for j in range(len(m.layers) + 1)]
+            if capture:
+                for call in calls:                         # warm up: Triton compiles, cuBLAS picks kernels
+                    call()
+                torch.cuda.synchronize()
+                graphs = []
+                for call in calls:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        call()
+                    pool = graph.pool() if pool is None else pool
+                    graphs.append(graph)
+                calls = [g.replay for g in graphs]
+            self.pieces[n] = calls
+        self.pieces = dict(sorted(self.pieces.items()))
+        if capture:
+            torch.cuda.synchronize()
+        self.graph_capture_time += time.perf_counter() - t0
+
+    def _piece_call(self, j: int, n: int):
+        """Piece j on the first n rows of the static buffers (Transformer.fused_piece)."""
+        m = self.model
+        ids, pos, attn_out, residual = self.p_ids[:n], self.p_pos[:n], self.p_attn[:n], self.p_residual[:n]
+        out = self.p_hidden[:n] if j == len(m.layers) else self.p_qkv[:n]
+
+        def call():
+            if j == 0:
+                x, res = m.fused_piece(0, ids, None, pos)
+                residual.copy_(res)
+            else:
+                x, _ = m.fused_piece(j, attn_out, residual, pos)   # residual: updated in place
+            out.copy_(x)
+        return call
+
+    def _fill_piece_inputs(self, ids, positions) -> None:
+        n, big, h = len(ids), len(self.p_ids), self.p_host_np
+        h[:n] = ids
+        h[big:big + n] = positions
+        self.p_buf.copy_(self.p_host, non_blocking=True)
+
+    def _run_pieces(self, size: int, n: int, sample_rows: torch.Tensor) -> torch.Tensor:
+        """One mixed step: the pieces for `size` tokens, attention on the n real ones in between."""
+        pieces, qkv, attn_out, pos = self.pieces[size], self.p_qkv[:n], self.p_attn[:n], self.p_pos[:n]
+        pieces[0]()
+        for i in range(len(pieces) - 1):
+            q, k, v = self.model.split_qkv(qkv)
+            self.attn(i, q, k, v, pos, out=attn_out)
+            pieces[i + 1]()
+        return self.model.lm_head(self.p_hidden[:n][sample_rows])
 
     # ------------------------------------------------------------------ sizing the pool
     def _size_kv_pool(self) -> int:

@@ -95,6 +95,7 @@ class StepStats:
     device_time: float | None = None   # seconds of GPU time for forward + sampling (CUDA events), None on CPU
     output_time: float = 0.0        # seconds: appending tokens, stop checks, detokenizing
     cuda_graph: bool = False        # the forward replayed a captured CUDA graph
+    piecewise_graph: bool = False   # a mixed step: captured graph pieces, attention eager between them
     scheduled: list = field(default_factory=list, repr=False)   # [(seq_id, num_new_tokens)], for timelines
 
     @property

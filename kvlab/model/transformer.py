@@ -209,29 +209,56 @@ class Transformer:
         self._fused = fused
 
     def _forward_fused(self, input_ids, positions, attn, logits_indices):
-        """forward() with the fused kernels, on a flattened batch (N,). The residual stream is carried
-        beside the normalized input: each add_rms_norm adds a sub-layer's output to it and normalizes
-        for the next sub-layer (the next layer's attention norm, or the final norm)."""
+        """forward() with the fused kernels, on a flattened batch (N,): the pieces between the
+        attention calls (fused_piece), and attention in between."""
+        x, residual = self.fused_piece(0, input_ids, None, positions)
+        for i in range(len(self.layers)):
+            q, k, v = self.split_qkv(x)
+            x, residual = self.fused_piece(i + 1, attn(i, q, k, v, positions), residual, positions)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.lm_head(x)                                                   # (N or num_sampled, vocab)
+
+    def fused_piece(self, j: int, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor):
+        """Piece j of the fused forward pass: everything between attention j - 1 and attention j.
+
+            piece 0        embed the token ids x (N,), then layer 0's norm, q k v and RoPE
+            piece j        x = attention j - 1's output (N, Hq, D): finish layer j - 1 (o-proj, add +
+                           norm, MLP, add + norm), then layer j's q k v and RoPE
+            piece L        finish the last layer; its add + norm is the final norm
+
+        Returns (qkv (N, (Hq + 2 Hkv) D), residual), q and k rotated (split_qkv gives the heads);
+        piece L returns (the normalized last hidden state (N, H), residual). The residual stream
+        is carried beside: each add_rms_norm adds a sub-layer's output to it, in place, and
+        normalizes for the next sub-layer. No piece depends on which sequence a token belongs
+        to, so a piece can be captured in a CUDA graph for any step with N tokens, mixed
+        prefill and decode included (vLLM v1's piecewise CUDA graphs; kvlab.engine.model_runner).
+        """
         from kvlab.kernels.fused import add_rms_norm, rope_, silu_mul
 
         eps = self.final_norm.eps
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        h, residual = add_rms_norm(self.embed_tokens[input_ids], None, self.layers[0].attn_norm.weight, eps)
-        for i, layer in enumerate(self.layers):
-            qkv_w, qkv_b, gate_up_w = self._fused[i]
-            qkv = F.linear(h, qkv_w, qkv_b)                                      # (N, (Hq + 2 Hkv) D)
-            q = qkv[:, :q_width].view(-1, self.num_heads, self.head_dim)         # (N, Hq, D) views
-            k = qkv[:, q_width:q_width + kv_width].view(-1, self.num_kv_heads, self.head_dim)
-            v = qkv[:, q_width + kv_width:].view(-1, self.num_kv_heads, self.head_dim)
-            rope_(q, k, self._rope_cos, self._rope_sin, positions)               # in place
-            out = attn(i, q, k, v, positions)                                    # (N, Hq, D)
-            h, residual = add_rms_norm(layer.o(out.flatten(-2)), residual, layer.ffn_norm.weight, eps)
-            mlp = layer.down(silu_mul(F.linear(h, gate_up_w)))                   # (N, H)
-            norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
+        if j == 0:
+            h, residual = add_rms_norm(self.embed_tokens[x], None, self.layers[0].attn_norm.weight, eps)
+        else:
+            layer = self.layers[j - 1]
+            h, residual = add_rms_norm(layer.o(x.flatten(-2)), residual, layer.ffn_norm.weight, eps)
+            mlp = layer.down(silu_mul(F.linear(h, self._fused[j - 1][2])))      # (N, H); [2]: gate and up
+            norm = self.layers[j].attn_norm if j < len(self.layers) else self.final_norm
             h, residual = add_rms_norm(mlp, residual, norm.weight, eps)
-        if logits_indices is not None:
-            h = h[logits_indices]
-        return self.lm_head(h)                                                   # (N or num_sampled, vocab)
+        if j == len(self.layers):
+            return h, residual
+        qkv_w, qkv_b, _ = self._fused[j]
+        qkv = F.linear(h, qkv_w, qkv_b)                                          # (N, (Hq + 2 Hkv) D)
+        q, k, _ = self.split_qkv(qkv)
+        rope_(q, k, self._rope_cos, self._rope_sin, positions)                   # in place, in qkv
+        return qkv, residual
+
+    def split_qkv(self, qkv: torch.Tensor):
+        """(N, (Hq + 2 Hkv) D) -> q (N, Hq, D), k and v (N, Hkv, D): views, no copy."""
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return (qkv[:, :q_width].view(-1, self.num_heads, self.head_dim),
+                qkv[:, q_width:q_width + kv_width].view(-1, self.num_kv_heads, self.head_dim),
+                qkv[:, q_width + kv_width:].view(-1, self.num_kv_heads, self.head_dim))
 
     # ----------------------------------------------------------------- rotary embeddings
     def rope(self, positions: torch.Tensor):
