@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from kvlab.engine import RequestOutput, RequestOutputKind, SamplingParams
 
 DONE_EVENT = b"data: [DONE]\n\n"
+# One encoder for every event: json.dumps with any non-default option builds a new JSONEncoder
+# per call, which costs a streaming server more than the encoding itself.
+to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class ApiError(Exception):
@@ -266,6 +269,10 @@ class StreamEncoder:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.role_sent: set[int] = set()
+        # Every chunk of the stream has the same id, object, created and model: encoded once.
+        head = to_json({"id": req.request_id, "object": self.object, "created": req.created, "model": model})
+        self._head = ("data: " + head[:-1] + ',"choices":').encode()
+        self._tail = b',"usage":null}\n\n' if req.include_usage else b"}\n\n"   # null but on the last (OpenAI's way)
 
     def encode(self, outputs: list[RequestOutput]) -> bytes:
         merged: dict[int, list] = {}                  # choice index -> [text, finish_reason, token ids]
@@ -309,10 +316,8 @@ class StreamEncoder:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
     def event(self, choices, usage_: dict | None = None) -> bytes:
+        """One server-sent event: `data: {"id": ..., "choices": [...], "usage": ...}`."""
         if isinstance(choices, dict):
             choices = [choices]
-        chunk = {"id": self.req.request_id, "object": self.object, "created": self.req.created,
-                 "model": self.model, "choices": choices}
-        if self.req.include_usage:
-            chunk["usage"] = usage_                   # null on every chunk but the last (OpenAI's convention)
-        return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+        tail = self._tail if usage_ is None else b',"usage":' + to_json(usage_).encode() + b"}\n\n"
+        return self._head + to_json(choices).encode() + tail
