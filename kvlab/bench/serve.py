@@ -300,10 +300,10 @@ def run_offline(llm, requests: list[BenchRequest], warmup: int = 8, progress: bo
 def compare(server_inf: dict, offline: dict) -> dict:
     """The server at the saturating rate against offline on the same requests."""
     ratio = server_inf["output_throughput"] / offline["output_throughput"]
-    added = server_inf["tpot_ms"]["p50"] - offline["tpot_ms"]["p50"]
-    return {"throughput_ratio": ratio, "added_median_tpot_ms": added,
-            "added_median_itl_ms": server_inf["itl_ms"]["p50"] - offline["itl_ms"]["p50"],
-            "goals": {"throughput_ratio >= 0.9": ratio >= 0.9, "added_median_tpot_ms <= 5": added <= 5.0}}
+    added_itl = server_inf["itl_ms"]["p50"] - offline["itl_ms"]["p50"]
+    return {"throughput_ratio": ratio, "added_median_tpot_ms": server_inf["tpot_ms"]["p50"] - offline["tpot_ms"]["p50"],
+            "added_median_itl_ms": added_itl,
+            "goals": {"throughput_ratio >= 0.9": ratio >= 0.9, "added_median_itl_ms <= 5": added_itl <= 5.0}}
 
 
 # ---- the whole benchmark --------------------------------------------------------------------------
