@@ -77,3 +77,16 @@ def test_bad_arguments_are_usage_errors(capsys):
             bench.main(argv)
         assert info.value.code == 2
     assert "a rate must be > 0" in capsys.readouterr().err
+
+
+def test_summary_table_shows_a_run_where_nothing_completed():
+    """A run whose every request failed (the server died, say) has no latencies: the table shows
+    '-' there and the failures, instead of raising."""
+    failed = [RequestResult(ok=False, prompt_len=5, error="got 10 tokens, asked for 20")] * 3
+    done = [RequestResult(ok=True, prompt_len=5, output_len=3, ttft=0.1, e2e=0.3, itl=[0.1, 0.1])]
+    result = {"model": "m", "dataset": "sharegpt", "requests": {"mean_prompt_len": 5, "mean_output_len": 20},
+              "runs": [{"rate": "inf", **summarize(done + failed, 1.0, 1000, 100)},
+                       {"rate": 2.0, **summarize(failed, 1.0, 1000, 100)}]}
+    lines = bench.summary_table(result).splitlines()
+    assert lines[2].split()[:3] == ["inf", "1.00", "3"] and lines[2].endswith("3 failed")
+    assert lines[3].split()[3:9] == ["-"] * 6 and lines[3].endswith("3 failed")

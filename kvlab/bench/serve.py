@@ -394,15 +394,16 @@ def summary_table(result: dict) -> str:
              f"mean output {result['requests']['mean_output_len']:.0f} tokens)",
              f"{'rate/s':>7} {'done/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} "
              f"{'E2E p50':>8} {'p99':>7} {'goodput':>8}   (latencies in ms)"]
+    num = lambda x, width, digits: f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"  # None: nothing completed
     for r in result["runs"]:
         rate = r["rate"] if r["rate"] == "inf" else f"{r['rate']:.2f}"
-        lines.append(f"{rate:>7} {r['request_throughput']:>7.2f} {r['output_throughput']:>7.1f} "
-                     f"{r['ttft_ms']['p50']:>9.0f} {r['ttft_ms']['p99']:>7.0f} {r['itl_ms']['p50']:>8.1f} "
-                     f"{r['itl_ms']['p99']:>7.1f} {r['e2e_ms']['p50']:>8.0f} {r['e2e_ms']['p99']:>7.0f} "
+        lines.append(f"{rate:>7} {r['request_throughput']:>7.2f} {r['output_throughput']:>7.0f} "
+                     f"{num(r['ttft_ms']['p50'], 9, 0)} {num(r['ttft_ms']['p99'], 7, 0)} {num(r['itl_ms']['p50'], 8, 1)} "
+                     f"{num(r['itl_ms']['p99'], 7, 1)} {num(r['e2e_ms']['p50'], 8, 0)} {num(r['e2e_ms']['p99'], 7, 0)} "
                      f"{r['goodput']['requests_per_s']:>8.2f}" + (f"  {r['failed']} failed" if r["failed"] else ""))
     if "server_vs_offline" in result:
         c, off = result["server_vs_offline"], result["offline"]
-        lines.append(f"offline LLM.generate on the rate-inf requests: {off['output_throughput']:.1f} tok/s, "
+        lines.append(f"offline LLM.generate on the rate-inf requests: {off['output_throughput']:.0f} tok/s, "
                      f"TPOT p50 {off['tpot_ms']['p50']:.1f} ms, ITL p50 {off['itl_ms']['p50']:.1f} ms; server / "
                      f"offline throughput {c['throughput_ratio']:.3f}, the server adds {c['added_median_tpot_ms']:+.2f} "
                      f"ms to the median TPOT and {c['added_median_itl_ms']:+.2f} ms to the median ITL")
