@@ -28,8 +28,9 @@ class EngineConfig:
     watermark: float = 0.01                    # share of blocks admission keeps free (vLLM's block manager)
     device: str | None = None                  # None: CUDA if available, else CPU
     dtype: str | None = None                   # None: bfloat16 on CUDA, float32 on CPU
-    attention_backend: str = "auto"            # decode rows: "triton" kernel or "torch" (gather + SDPA);
-                                               # auto: triton on CUDA, torch on CPU (faster there: measured)
+    attention_backend: str = "auto"            # "triton" (paged decode and prefill kernels) or "torch"
+                                               # (gather + SDPA); auto: triton on CUDA, torch on CPU (faster
+                                               # there: measured)
     enforce_eager: bool = False                # True: no CUDA graphs
     fused_kernels: bool | None = None          # fused add+RMSNorm, RoPE, SiLU*up, merged QKV / gate-up
                                                # matmuls; None: on CUDA (Llama family), off on the CPU
