@@ -352,12 +352,31 @@ def test_without_a_tokenizer_the_server_takes_and_returns_token_ids():
         assert chat.status_code == 400 and "without a tokenizer" in chat.json()["error"]["message"]
 
 
+def test_stream_interval_sends_fewer_larger_events_with_the_same_tokens():
+    """--stream-interval 5: the first token alone (TTFT is not delayed), then events of at least 5
+    tokens, the rest with the end; the tokens are those of the non-streamed answer, equal offline."""
+    prompt = [5, 60, 700, 8000]
+    llm = LLM(model=MODEL, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=64)
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=23, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    with ServerProcess(["--model", MODEL, "--skip-tokenizer-init", "--stream-interval", "5", *ONE_THREAD]) as server:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 23, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    sizes = [len(c["choices"][0]["token_ids"]) for c in chunks]
+    assert sizes[0] == 1 and all(k >= 5 for k in sizes[1:-1]) and sum(sizes) == 23 and len(sizes) <= 6
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ref
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--port", "70000"], "--port 70000: a port is 0..65535"),
     (["--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1, got 0"),
     (["--max-waiting-requests", "0"], "--max-waiting-requests 0: must be >= 1"),
     (["--torch-threads", "0"], "--torch-threads 0: must be >= 1"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout -1.0: must be >= 0"),
+    (["--stream-interval", "0"], "--stream-interval 0: must be >= 1 token"),
     (["--gpu-memory-utilization", "2"], "--gpu-memory-utilization must be a fraction in (0, 1]"),
 ])
 def test_bad_flags_are_usage_errors_before_anything_loads(argv, words, capsys):

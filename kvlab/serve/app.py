@@ -49,8 +49,9 @@ REJECT_REASONS = {400: "invalid", 413: "too_large"}      # for errors without a 
 class OpenAIServer:
     """The state behind the routes: the engine, the metrics, the tokenizer."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, stream_interval: int = 1):
         self.engine = engine
+        self.stream_interval = stream_interval
         self.metrics = ServerMetrics(engine)
         engine.on_finished = self.metrics.observe_finished
         self.model_name = model_name
@@ -71,7 +72,8 @@ class OpenAIServer:
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self.tokenizer_thread, self.prompt_token_ids, req)
         try:
-            stream = await self.engine.add_request(req.request_id, prompt, req.params, arrival)
+            stream = await self.engine.add_request(req.request_id, prompt, req.params, arrival,
+                                                   self.stream_interval if req.stream else 1)
         except QueueFullError as err:
             raise ApiError(503, str(err), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except (ValueError, TypeError) as err:
@@ -225,11 +227,12 @@ class ApiKeyAuth:
         return same and scheme.lower() == b"bearer"
 
 
-def build_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None) -> Starlette:
+def build_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None,
+              stream_interval: int = 1) -> Starlette:
     """The ASGI app serving `engine` (AsyncEngine.launch) as `model_name`. The app's start starts
     the threads that talk to the engine core; its end stops the core: requests still in the
-    engine are then aborted."""
-    server = OpenAIServer(engine, model_name)
+    engine are then aborted. stream_interval: see EngineResponse."""
+    server = OpenAIServer(engine, model_name, stream_interval)
 
     async def completions(request: Request):
         return await server.generate(request, parse_completion)
