@@ -48,7 +48,7 @@ def test_a_small_run_end_to_end(tmp_path):
     out = tmp_path / "serve.json"
     argv = ["--model", "tiny-llama-random", "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
             "--torch-threads", "1", "--dataset", "alpaca", "--max-len", "256", "--num-prompts", "12",
-            "--rates", "inf", "20", "--warmup", "2", "--quiet", "--out", str(out)]
+            "--rates", "inf", "20", "--warmup", "2", "--stream-interval", "3", "--quiet", "--out", str(out)]
     threads = torch.get_num_threads()
     try:
         assert bench.main(argv) == 0                 # --torch-threads 1 applies to this process too (offline)
@@ -59,7 +59,7 @@ def test_a_small_run_end_to_end(tmp_path):
     inf, twenty = result["runs"]
     assert (inf["rate"], twenty["rate"]) == ("inf", 20.0)
     for run in (inf, twenty):
-        assert run["completed"] == 12 and run["failed"] == 0 and run["output_tokens"] == asked
+        assert run["completed"] == 12 and run["failed"] == 0 and run["output_tokens"] == asked   # events of 3 tokens counted right
         assert run["server"]["engine_steps"] > 0
     assert result["offline"]["output_tokens"] == asked and result["server_exit_status"] == 0
     comparison = result["server_vs_offline"]
@@ -72,7 +72,8 @@ def test_a_small_run_end_to_end(tmp_path):
 
 
 def test_bad_arguments_are_usage_errors(capsys):
-    for argv in (["--rates", "auto", "5"], ["--rates", "0"], ["--rates", "fast"], ["--num-prompts", "0"]):
+    for argv in (["--rates", "auto", "5"], ["--rates", "0"], ["--rates", "fast"], ["--num-prompts", "0"],
+                 ["--stream-interval", "0"]):
         with pytest.raises(SystemExit) as info:
             bench.main(argv)
         assert info.value.code == 2
