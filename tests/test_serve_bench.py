@@ -61,6 +61,8 @@ def test_a_small_run_end_to_end(tmp_path):
     for run in (inf, twenty):
         assert run["completed"] == 12 and run["failed"] == 0 and run["output_tokens"] == asked   # events of 3 tokens counted right
         assert run["server"]["engine_steps"] > 0
+        assert run["server"]["http_cpu_s"] > 0 and run["server"]["core_cpu_s"] > run["server"]["http_cpu_s"]
+        assert 0 < run["server"]["http_cpu_us_per_token"] < 1e6
     assert result["offline"]["output_tokens"] == asked and result["server_exit_status"] == 0
     comparison = result["server_vs_offline"]
     assert comparison["throughput_ratio"] == pytest.approx(inf["output_throughput"]

@@ -20,7 +20,9 @@ is exact. Per rate: request and token throughput, mean / p50 / p90 / p99 of each
 the normalized latency (mean of end-to-end / output tokens: the y-axis of the vLLM paper's
 Figure 12), goodput (requests per second that met every SLO, --slo-ttft-ms and --slo-tpot-ms:
 DistServe's definition, as vLLM's benchmark) and the server's own counters (engine steps,
-preemptions) read from /metrics.
+preemptions) read from /metrics; for a server this command started, the CPU seconds of its
+HTTP process and of its engine core during the run (an HTTP process near one CPU-second per
+second is the front end at its limit, however fast the engine).
 
 Rates `auto`: first the saturating run (rate inf) measures the server's capacity C in
 requests per second; then Poisson runs at fractions of C (0.25 ... 2), so the knee, where
@@ -228,13 +230,13 @@ async def sweep_async(url: str, model: str, requests, rates: list[float] | str, 
                       num_prompts: int, seconds_per_rate: float | None = None, min_prompts: int = 20,
                       fractions: tuple[float, ...] = AUTO_FRACTIONS, slo_ttft_ms: float = 1000.0,
                       slo_tpot_ms: float = 100.0, seed: int = 0, api_key: str | None = None, timeout: float = 600.0,
-                      progress: bool = True, on_result=None) -> list[dict]:
+                      progress: bool = True, on_result=None, server_pid: int | None = None) -> list[dict]:
     """The saturating run (rate inf, first `num_prompts` requests) when rates is "auto" or holds inf,
     then each finite rate (auto: `fractions` of the measured capacity). Each finite rate sends
     `num_prompts` requests, or rate x seconds_per_rate of them (at least min_prompts).
     requests(n): the first n requests (make_requests with fixed arguments)."""
     one = dict(model=model, seed=seed, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, api_key=api_key,
-               timeout=timeout, progress=progress)
+               timeout=timeout, progress=progress, server_pid=server_pid)
     runs = []
     finite = [] if rates == "auto" else sorted(r for r in rates if not math.isinf(r))
     if rates == "auto" or any(math.isinf(r) for r in rates):
@@ -254,8 +256,10 @@ async def sweep_async(url: str, model: str, requests, rates: list[float] | str, 
 
 async def one_rate(url: str, requests: list[BenchRequest], rate: float, *, model: str, seed: int = 0,
                    slo_ttft_ms: float = 1000.0, slo_tpot_ms: float = 100.0, api_key: str | None = None,
-                   timeout: float = 600.0, progress: bool = True) -> dict:
-    """One run at one rate: the summary, plus the server's own counters over the run (/metrics)."""
+                   timeout: float = 600.0, progress: bool = True, server_pid: int | None = None) -> dict:
+    """One run at one rate: the summary, plus the server's own counters over the run (/metrics) and,
+    for a server on this machine (server_pid), the CPU seconds its processes spent."""
+    cpu_before = server_cpu_seconds(server_pid)
     before = await asyncio.to_thread(scrape_metrics, url, api_key)
     results, duration = await run_rate(url, model, requests, rate, seed=seed, api_key=api_key, timeout=timeout,
                                        progress=progress)
@@ -265,7 +269,27 @@ async def one_rate(url: str, requests: list[BenchRequest], rate: float, *, model
     steps = delta("kvlab:engine_steps_total")
     run["server"] = {"engine_steps": steps, "preemptions": delta("kvlab:num_preemptions_total"),
                      "tokens_per_step": run["output_tokens"] / steps if steps else None}
+    cpu_after = server_cpu_seconds(server_pid)
+    if cpu_before and cpu_after:
+        http_s, core_s = (a - b for a, b in zip(cpu_after, cpu_before))
+        run["server"].update(http_cpu_s=http_s, core_cpu_s=core_s, http_cpu_s_per_s=http_s / run["duration_s"],
+                             http_cpu_us_per_token=http_s / run["output_tokens"] * 1e6 if run["output_tokens"] else None)
     return run
+
+
+def server_cpu_seconds(pid: int | None) -> tuple[float, float] | None:
+    """CPU seconds (user + system) of a server's HTTP process and of its children (the engine core):
+    what tells a front end that saturates one core from an engine that is slow. None without psutil."""
+    if pid is None:
+        return None
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        cpu = lambda p: sum(p.cpu_times()[:2])
+        return cpu(proc), sum(cpu(c) for c in proc.children(recursive=True))
+    except (ImportError, OSError):                           # no psutil, or the process is gone
+        return None
 
 
 # ---- offline: the same requests through kvlab.LLM.generate ---------------------------------------
@@ -367,8 +391,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                                num_prompts=args.num_prompts, seconds_per_rate=args.seconds_per_rate,
                                min_prompts=args.min_prompts, slo_ttft_ms=args.slo_ttft_ms,
                                slo_tpot_ms=args.slo_tpot_ms, seed=args.request_seed, api_key=args.api_key,
-                               fractions=tuple(args.auto_fractions),
-                               timeout=args.timeout, progress=not args.quiet, on_result=save)
+                               fractions=tuple(args.auto_fractions), timeout=args.timeout, progress=not args.quiet,
+                               on_result=save, server_pid=server.process.pid if server is not None else None)
     finally:
         if server is not None:
             result["server_exit_status"] = server.stop()
