@@ -79,20 +79,21 @@ class GatheredLayout:
 
 
 def gathered_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       layout: GatheredLayout, scale: float | None = None) -> torch.Tensor:
+                       layout: GatheredLayout, scale: float | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the queries in `layout` over keys and values gathered from the paged cache.
-    q (n, Hq, D) in flat token order -> out (n, Hq, D). The gathered copy costs an extra write
-    and read of the keys; the Triton kernel reads them in place."""
+    q (n, Hq, D) in flat token order -> (n, Hq, D), written into `out` if given. The gathered copy
+    costs an extra write and read of the keys; the Triton kernels read them in place."""
     r, t = layout.q_index.shape
     num_kv_heads, head_dim = k_cache.shape[-2:]
     qp = q[layout.q_index]                                              # (R, T, Hq, D)
     k = k_cache.view(-1, num_kv_heads, head_dim)[layout.kv_slots]       # (R, S, Hkv, D)
     v = v_cache.view(-1, num_kv_heads, head_dim)[layout.kv_slots]
-    out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
-                                         v.transpose(1, 2).to(q.dtype), attn_mask=layout.mask,
-                                         scale=scale, enable_gqa=True)   # (R, Hq, T, D)
-    out = out.transpose(1, 2).reshape(r * t, *q.shape[1:])            # (R*T, Hq, D)
-    return out[layout.out_index]                                        # (n, Hq, D)
+    attn = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
+                                          v.transpose(1, 2).to(q.dtype), attn_mask=layout.mask,
+                                          scale=scale, enable_gqa=True)  # (R, Hq, T, D)
+    padded = attn.transpose(1, 2).reshape(r * t, *q.shape[1:])        # (R*T, Hq, D)
+    return torch.index_select(padded, 0, layout.out_index, out=out)     # (n, Hq, D)
 
 
 @dataclass
@@ -133,7 +134,7 @@ class EngineAttention:
         if nd:
             self._decode(q[:nd], k_cache, v_cache, out[:nd])
         if md.prefill_layout is not None:
-            out[nd:] = gathered_attention(q[nd:], k_cache, v_cache, md.prefill_layout)
+            gathered_attention(q[nd:], k_cache, v_cache, md.prefill_layout, out=out[nd:])
         elif md.prefill_context_lens is not None:
             prefill_attention_launch(q[nd:], k_cache, v_cache, md.prefill_block_tables, md.prefill_query_start,
                                      md.prefill_context_lens, md.prefill_max_query_len, self.scale, out[nd:])
@@ -142,6 +143,6 @@ class EngineAttention:
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         md = self.metadata
         if self.backend == "torch":
-            out.copy_(gathered_attention(q, k_cache, v_cache, md.decode_layout))
+            gathered_attention(q, k_cache, v_cache, md.decode_layout, out=out)
         else:
             paged_attention_launch(q, k_cache, v_cache, md.decode_block_tables, md.decode_seq_lens, self.scale, out)
