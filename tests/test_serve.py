@@ -276,22 +276,28 @@ def test_full_queue_gets_503_with_retry_after_and_sigterm_finishes_running_reque
         httpx.get(url + "/health", timeout=5)
 
 
+def interrupt_a_long_stream(server, interrupt):
+    """Start a 1,000-token stream, call interrupt() once its first chunk has arrived, and return what
+    the stream ended with: stream()'s (text, finish, chunks, done), or the httpx error if the
+    connection closed mid-stream."""
+    async def main():
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            body = {"model": MODEL, "prompt": "Forever:", "max_tokens": 1000, "ignore_eos": True}
+            started = asyncio.Event()
+            in_flight = asyncio.create_task(stream(client, server.url, body, headers={}, started=started))
+            await asyncio.wait_for(started.wait(), 60)
+            interrupt()
+            try:
+                return await in_flight
+            except httpx.HTTPError as err:
+                return err
+    return asyncio.run(main())
+
+
 def test_sigterm_aborts_what_cannot_finish_in_the_shutdown_timeout():
     with ServerProcess(["--model", MODEL, "--shutdown-timeout", "0", *ONE_THREAD]) as server:
-        async def main():
-            async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-                body = {"model": MODEL, "prompt": "Forever:", "max_tokens": 1000, "ignore_eos": True}
-                started = asyncio.Event()
-                in_flight = asyncio.create_task(stream(client, server.url, body, headers={}, started=started))
-                await asyncio.wait_for(started.wait(), 60)
-                server.process.send_signal(signal.SIGTERM)
-                try:
-                    return await in_flight
-                except httpx.HTTPError as err:          # the connection closed mid-stream
-                    return err
-
         t0 = time.monotonic()
-        cut = asyncio.run(main())
+        cut = interrupt_a_long_stream(server, lambda: server.process.send_signal(signal.SIGTERM))
         assert isinstance(cut, httpx.HTTPError) or not cut[3]
         assert server.stop(timeout=60) == 0
         assert time.monotonic() - t0 < 30
@@ -310,16 +316,9 @@ def test_a_dead_engine_core_ends_the_streams_and_the_server_exits_with_status_1(
     """The engine core is killed (as the OOM killer would) while a request streams: the stream ends
     with finish_reason "abort" instead of hanging, and the server exits 1 for a supervisor to restart."""
     with ServerProcess(["--model", MODEL, *ONE_THREAD]) as server:
-        async def main():
-            async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-                body = {"model": MODEL, "prompt": "Forever:", "max_tokens": 1000, "ignore_eos": True}
-                started = asyncio.Event()
-                in_flight = asyncio.create_task(stream(client, server.url, body, headers={}, started=started))
-                await asyncio.wait_for(started.wait(), 60)
-                os.kill(engine_core_pid(server.process.pid), signal.SIGKILL)
-                return await in_flight
-
-        text, finish, chunks, done = asyncio.run(main())
+        ended = interrupt_a_long_stream(server, lambda: os.kill(engine_core_pid(server.process.pid), signal.SIGKILL))
+        assert not isinstance(ended, httpx.HTTPError), ended
+        text, finish, chunks, done = ended
         assert finish == "abort" and done
         server.process.wait(timeout=60)
         assert server.stop() == 1
