@@ -127,3 +127,10 @@ def text(name: str, value, allowed: str = "a non-empty string") -> str:
     if not value.strip():
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
+
+
+def boolean(name: str, value) -> bool:
+    """True or False (numpy's bool too); anything else, 0 and 1 included, is a TypeError."""
+    if not _is_bool(value):
+        raise TypeError(f"{name} must be True or False, got {shown(value)}")
+    return bool(value)

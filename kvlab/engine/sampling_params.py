@@ -26,6 +26,12 @@ from dataclasses import dataclass, field
 from kvlab import checks
 
 
+MAX_N = 1024                 # samples of one prompt (the engine also caps n at max_num_seqs)
+MAX_TOP_K = 2**31 - 1        # a count of tokens; the engine refuses one above the model's vocabulary
+MAX_SEED = 2**64 - 1         # torch.Generator takes 64-bit seeds; sample i uses (seed + i) mod 2**64
+MAX_LOGPROBS = 20            # vLLM's default max_logprobs (and OpenAI's top_logprobs limit)
+
+
 class RequestOutputKind(enum.Enum):
     """What `LLMEngine.step()` returns for a request (vLLM's names)."""
     CUMULATIVE = 0     # everything generated so far, every step
@@ -50,41 +56,59 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)   # `stop` as a tuple
 
     def __post_init__(self):
-        self.n = _int("n", self.n, low=1)
+        # Every bound below is what the engine can execute: a value accepted here runs (top_k is a
+        # count of tokens, seeds are 64-bit, logprobs is capped as vLLM's max_logprobs). What depends
+        # on the model (top_k and stop token ids within its vocabulary, n <= max_num_seqs) is checked
+        # by LLMEngine.add_request, which re-checks the whole object (it may have changed since).
+        self.n = _int("n", self.n, low=1, high=MAX_N, allowed=f"an integer in 1..{MAX_N}")
         self.temperature = _float("temperature", self.temperature, low=0.0,
-                                  allowed="a number >= 0 (0 means greedy)")
+                                  allowed="a finite number >= 0 (0 means greedy)")
         self.top_p = _float("top_p", self.top_p, low=0.0, low_open=True, high=1.0, allowed="a number in (0, 1]")
-        self.top_k = _int("top_k", self.top_k, low=-1, allowed="an integer >= 1, or 0 / -1 for no limit")
+        self.top_k = _int("top_k", self.top_k, low=-1, high=MAX_TOP_K,
+                          allowed=f"an integer in 1..{MAX_TOP_K:,} (at most the vocabulary), or 0 / -1 for no limit")
         if self.seed is not None:
-            self.seed = _int("seed", self.seed, low=0, allowed="None or an integer >= 0")
+            self.seed = _int("seed", self.seed, low=0, high=MAX_SEED,
+                             allowed="None or an integer in 0..2**64 - 1 (a 64-bit seed)")
         if self.max_tokens is not None:
-            self.max_tokens = _int("max_tokens", self.max_tokens, low=1, allowed="None or an integer >= 1")
+            self.max_tokens = _int("max_tokens", self.max_tokens, low=1, high=checks.INT64_MAX,
+                                   allowed="None or an integer >= 1")
         if self.logprobs is not None:
-            self.logprobs = _int("logprobs", self.logprobs, low=0, allowed="None or an integer >= 0")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+            self.logprobs = _int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS,
+                                 allowed=f"None or an integer in 0..{MAX_LOGPROBS} (top log-probabilities per token)")
+        if self.stop is None:
+            stop = []
+        elif isinstance(self.stop, str):
+            stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            stop = list(self.stop)
+        else:
+            raise TypeError(f"stop must be None, a string or a list of strings, got {checks.shown(self.stop)}")
         for s in stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+                raise ValueError(f"stop must be a non-empty string or a list of them, got {checks.brief(self.stop)}")
         self.stop_strings = tuple(stop)
-        ids = list(self.stop_token_ids or [])
-        self.stop_token_ids = [_int("stop_token_ids", t, low=0, allowed="a list of token ids >= 0") for t in ids]
+        self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
         for name in ("ignore_eos", "skip_special_tokens"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            setattr(self, name, checks.boolean(name, getattr(self, name)))
         if not isinstance(self.output_kind, RequestOutputKind):
-            raise TypeError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+            raise TypeError(f"output_kind must be a RequestOutputKind, got {checks.shown(self.output_kind)}")
 
     @property
     def max_stop_string_len(self) -> int:
         return max((len(s) for s in self.stop_strings), default=0)
 
 
-def _int(name: str, value, low: int, allowed: str | None = None) -> int:
-    return checks.integer(name, value, minimum=low, allowed=allowed or f"an integer >= {low}")
+def _int(name: str, value, low: int, allowed: str | None = None, high: int | None = None) -> int:
+    return checks.integer(name, value, minimum=low, maximum=high, allowed=allowed or f"an integer >= {low}")
+
+
+def _token_ids(name: str, value) -> list[int]:
+    """None or an iterable of token ids (a list, a tuple, a numpy array) -> a list of ints >= 0."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be None or a list of token ids, got {checks.shown(value)}")
+    return [_int(name, t, low=0, high=checks.INT64_MAX, allowed="a list of token ids >= 0") for t in value]
 
 
 def _float(name: str, value, low: float, allowed: str, low_open: bool = False, high: float | None = None) -> float:

@@ -312,7 +312,7 @@ class Scheduler:
 
 
 def sample_generator(params, index: int, device) -> torch.Generator | None:
-    """Sample i of a seeded request draws from its own generator, seeded with seed + i."""
+    """Sample i of a seeded request draws from its own generator, seeded with (seed + i) mod 2**64."""
     if params.seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(params.seed + index)
+    return torch.Generator(device=device).manual_seed((params.seed + index) % 2**64)
