@@ -7,6 +7,6 @@ kvlab.engine wires these to kvlab's model (attention metadata, scheduler, runner
 """
 
 from kvlab.paged.block_allocator import BlockAllocator, OutOfBlocksError, block_hash
-from kvlab.paged.kv_cache import PagedKVCache, slot_mapping
+from kvlab.paged.kv_cache import PagedKVCache
 
-__all__ = ["BlockAllocator", "OutOfBlocksError", "block_hash", "PagedKVCache", "slot_mapping"]
+__all__ = ["BlockAllocator", "OutOfBlocksError", "block_hash", "PagedKVCache"]

@@ -123,7 +123,3 @@ class PagedKVCache:
                 f"block_size={self.block_size}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype}, {self.nbytes / 2**20:.1f} MiB)")
 
-
-def slot_mapping(block_table: Sequence[int], positions: Sequence[int], block_size: int) -> list[int]:
-    """Slots of the given token positions of one sequence: table[p // bs] * bs + p % bs."""
-    return [block_table[p // block_size] * block_size + p % block_size for p in positions]
