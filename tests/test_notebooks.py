@@ -28,12 +28,23 @@ text MIME type nbval compares, after tests/nbval_sanitize.cfg is applied), these
   digits          a non-integer number with 6 or more significant digits (float32 keeps about 7)
   clock           a checked cell whose source reads a clock (perf_counter, time.time, timeit,
                   do_bench, ...): what it prints depends on the run
+  run-dependent   a checked cell (with output) that uses a value computed from a run-dependent
+                  source, in that cell or an earlier one: a clock, sampling at temperature > 0
+                  (`temperature=0.8`, `do_sample=True`, or a `SamplingParams` without a temperature:
+                  vLLM's default is 1.0; a last-bit difference in the logits changes the sampled
+                  text on another CPU), or concurrent work (`await`, threads, tasks: what a poll sees
+                  while requests run, or how many steps an engine took, depends on timing). The
+                  source is followed through assignments, loops and `if`s whose condition uses it,
+                  and functions that contain it. Such a cell passes only if a comment line in it
+                  says why what it prints is the same on every run: `# same on every run: <why>`.
 
 Exact integers, byte counts, booleans, and values rounded to well inside their tolerance pass.
+The rules apply to the chapters (notebooks/NN_*.ipynb) and the exercises (notebooks/exercises/).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -42,13 +53,20 @@ import pytest
 from nbval.plugin import find_comment_markers, find_metadata_tags, get_sanitize_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EXERCISES = sorted((ROOT / "notebooks" / "exercises").glob("*.ipynb"))
+NOTEBOOKS = CHAPTERS + EXERCISES
 SANITIZE = get_sanitize_patterns((ROOT / "tests" / "nbval_sanitize.cfg").read_text())
 
-# Checked cells of notebooks owned by other engineers that failed this check when it was written.
-# strict: once the owner fixes the cell, the test passes, xfail turns that into a failure, and the
-# entry must go. Each entry says who owns the notebook and what was found.
-KNOWN_FAILURES: dict[str, str] = {}
+# Checked cells that failed this check when a rule was added, until their notebook is fixed.
+# strict: once the cell is fixed, the test passes, xfail turns that into a failure, and the
+# entry must go. Each entry says what was found.
+KNOWN_FAILURES: dict[str, str] = {
+    "05_paged_allocator.ipynb": "cell 27 prints four samples drawn at temperature 0.8 (issue 17)",
+    "07_continuous_batching.ipynb": "cell 6 prints the quick-start's text sampled at temperature 0.8 (issue 17)",
+    "08_inference_service.ipynb": "cells 17, 22 and 25 print booleans about a burst, an abort and a load test that "
+                                  "depend on timing (issue 17)",
+}
 
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\.\d)")
 TOLERANCE_WORDS = re.compile(r"(?:\bwithin|\bto|<=?|>=?|≤|≥|\btol(?:erance)?|\batol|\brtol|\bbelow|\bunder|\babove|"
@@ -141,12 +159,179 @@ def notebook_hazards(path: Path) -> list[str]:
             for line in text.splitlines():
                 for hazard in line_hazards(line, named):
                     problems.append(f"cell {i}: {hazard}: {line.strip()[:160]}")
+    problems += run_dependent_cells(nb)
     return problems
 
 
+# ---- values that depend on the run: clocks, sampling, concurrency ---------------------------------
+
+CLOCK_CALLS = {"perf_counter", "perf_counter_ns", "process_time", "monotonic", "monotonic_ns", "timeit", "do_bench"}
+CONCURRENT_CALLS = {"Thread", "ThreadPoolExecutor", "ProcessPoolExecutor", "create_task"}
+ASYNCIO_CALLS = {"gather", "to_thread", "ensure_future", "run", "wait", "wait_for", "as_completed"}
+SAME_EVERY_RUN = re.compile(r"^\s*#\s*same on every run:\s*\S", re.MULTILINE | re.IGNORECASE)
+MUTATORS = {"append", "extend", "update", "add", "insert", "setdefault", "__setitem__"}
+
+
+def _parse(source: str):
+    """The cell's code as an AST (IPython magics and shell lines dropped; top-level await allowed), or None."""
+    code = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+    try:
+        return compile(code, "<cell>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    except SyntaxError:
+        return None
+
+
+def _call_name(call: ast.Call) -> str:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+
+
+def _samples(call: ast.Call) -> bool:
+    """A call that samples at temperature > 0: temperature=<not 0>, do_sample=True, or SamplingParams() without a
+    temperature (its default, as vLLM's, is 1.0)."""
+    kw = {k.arg: k.value for k in call.keywords if k.arg}
+    if "temperature" in kw:
+        v = kw["temperature"]
+        return not (isinstance(v, ast.Constant) and v.value == 0)
+    if isinstance(kw.get("do_sample"), ast.Constant) and kw["do_sample"].value is True:
+        return True
+    return _call_name(call) == "SamplingParams"
+
+
+class _RunDependence:
+    """Follows run-dependent values through a notebook's cells, in order (names only, as a reader would)."""
+
+    def __init__(self):
+        self.tainted: dict[str, str] = {}          # name -> what made it run-dependent
+        self.functions: dict[str, str] = {}        # function name -> the source inside it
+        self.uses: list[str] = []                  # in the current cell: what run-dependent values it used
+
+    def source(self, node) -> str | None:
+        """What in an expression (or statement) makes it run-dependent, or None."""
+        local = {t.id for n in ast.walk(node) if isinstance(n, ast.comprehension)       # [x for x in ...]: its own x
+                 for t in ast.walk(n.target) if isinstance(t, ast.Name)}
+        local |= {a.arg for n in ast.walk(node) if isinstance(n, ast.Lambda) for a in n.args.args}
+        for n in ast.walk(node):
+            if isinstance(n, ast.Await):
+                return "an await (concurrent work)"
+            if isinstance(n, ast.Call):
+                name = _call_name(n)
+                if name in CLOCK_CALLS or (name == "time" and isinstance(n.func, ast.Attribute)
+                                           and isinstance(n.func.value, ast.Name) and n.func.value.id == "time"):
+                    return f"a clock ({name})"
+                owner = n.func.value.id if isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) \
+                    else None
+                if name in CONCURRENT_CALLS or (name in ASYNCIO_CALLS and owner == "asyncio"):
+                    return f"concurrent work ({name})"
+                if _samples(n):
+                    return f"sampling ({name}, temperature > 0)"
+                if name in self.functions:
+                    return f"{name}(), which uses {self.functions[name]}"
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in self.tainted and n.id not in local:
+                return f"{n.id!r} ({self.tainted[n.id]})"
+        return None
+
+    def _taint(self, target, why: str | None) -> None:
+        """Bind an assignment's targets: names become run-dependent (why) or clean again (why None); a
+        subscript or attribute target (xs[i] = ..., obj.x = ...) taints its base name, never cleans it."""
+        if isinstance(target, ast.Name):
+            if why:
+                self.tainted[target.id] = why
+            else:
+                self.tainted.pop(target.id, None)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for t in target.elts:
+                self._taint(t, why)
+        elif isinstance(target, ast.Starred):
+            self._taint(target.value, why)
+        elif why:
+            base = target
+            while isinstance(base, (ast.Subscript, ast.Attribute)):
+                base = base.value
+            if isinstance(base, ast.Name):
+                self.tainted[base.id] = why
+
+    def _use(self, node, control: str | None) -> str | None:
+        why = control or self.source(node)
+        if why:
+            self.uses.append(f"line {getattr(node, 'lineno', '?')} uses {why}")
+        return why
+
+    def visit(self, stmts, control: str | None = None) -> None:
+        for s in stmts:
+            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = self.source(s)
+                if inner:
+                    self.functions[s.name] = inner
+                else:
+                    self.functions.pop(s.name, None)
+            elif isinstance(s, ast.ClassDef):
+                continue
+            elif isinstance(s, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                why = self._use(s.value, control) if s.value is not None else control
+                if isinstance(s.value, ast.Lambda) and self.source(s.value):
+                    self.functions.update({t.id: self.source(s.value) for t in getattr(s, "targets", [])
+                                           if isinstance(t, ast.Name)})
+                for t in getattr(s, "targets", None) or [s.target]:
+                    self._taint(t, why)
+            elif isinstance(s, (ast.For, ast.AsyncFor)):
+                why = control or self.source(s.iter) or ("an async for (concurrent work)"
+                                                          if isinstance(s, ast.AsyncFor) else None)
+                self._taint(s.target, why)
+                self.visit(s.body, why)
+                self.visit(s.orelse, why)
+            elif isinstance(s, (ast.While, ast.If)):
+                why = self._use(s.test, control)
+                self.visit(s.body, why)
+                self.visit(s.orelse, why)
+            elif isinstance(s, (ast.With, ast.AsyncWith)):
+                why = control
+                for item in s.items:
+                    why = why or self.source(item.context_expr)
+                    if item.optional_vars is not None:
+                        self._taint(item.optional_vars, why)
+                self.visit(s.body, why)
+            elif isinstance(s, ast.Try):
+                for block in (s.body, *[h.body for h in s.handlers], s.orelse, s.finalbody):
+                    self.visit(block, control)
+            elif isinstance(s, ast.Expr):
+                why = self._use(s.value, control)
+                call = s.value
+                if why and isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) \
+                        and call.func.attr in MUTATORS and isinstance(call.func.value, ast.Name):
+                    self.tainted[call.func.value.id] = why        # xs.append(run-dependent) taints xs
+            else:
+                self._use(s, control)
+
+
+def run_dependent_cells(nb: dict) -> list[str]:
+    """Checked cells with output that use a run-dependent value (see the module docstring)."""
+    checked = {label.split(" ")[0]: label for label, _, _ in checked_cells(nb)}
+    flow, problems = _RunDependence(), []
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        tree = _parse(source)
+        if tree is None:
+            continue
+        flow.uses = []
+        flow.visit(tree.body)
+        label = checked.get(str(i))
+        printed = output_texts([o for o in cell.get("outputs", []) if "image/png" not in o.get("data", {})])
+        if label and flow.uses and any(t.strip() for t in printed) and not SAME_EVERY_RUN.search(source):
+            problems.append(f"cell {label}: run-dependent: {flow.uses[0]}; print it in a # NBVAL_IGNORE_OUTPUT "
+                            f"cell, or say why it is the same on every run ('# same on every run: ...')")
+    return problems
+
+
+def _id(path: Path) -> str:
+    return path.relative_to(ROOT / "notebooks").as_posix()       # 07_continuous_batching.ipynb, exercises/...
+
+
 @pytest.mark.parametrize("path", [
-    pytest.param(p, id=p.name, marks=[pytest.mark.xfail(reason=KNOWN_FAILURES[p.name], strict=True)]
-                 if p.name in KNOWN_FAILURES else [])
+    pytest.param(p, id=_id(p), marks=[pytest.mark.xfail(reason=KNOWN_FAILURES[_id(p)], strict=True)]
+                 if _id(p) in KNOWN_FAILURES else [])
     for p in NOTEBOOKS
 ])
 def test_checked_cells_print_only_machine_independent_numbers(path):
@@ -158,8 +343,10 @@ def test_checked_cells_print_only_machine_independent_numbers(path):
 
 
 def test_every_notebook_is_checked():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, len(NOTEBOOKS) + 1)]
-    assert len(NOTEBOOKS) >= 6
+    assert [p.name[:2] for p in CHAPTERS] == [f"{i:02d}" for i in range(1, len(CHAPTERS) + 1)]
+    assert len(CHAPTERS) >= 8
+    chapters = {p.name for p in CHAPTERS}
+    assert all(p.name in chapters for p in EXERCISES), "an exercise notebook is named after its chapter"
 
 
 # ---- the rule itself, on lines that passed or failed on a second machine -------------------------
@@ -215,3 +402,52 @@ def test_ignored_and_skipped_cells_are_not_checked():
                   "outputs": out})
     cells.insert(0, {"cell_type": "markdown", "metadata": {}, "source": "# title"})
     assert [label for label, _, _ in checked_cells({"cells": cells})] == ["3 (nbval Cell 2)"]
+
+
+# ---- the run-dependence rule, on hand-made notebooks ---------------------------------------------
+
+def _notebook(*cells) -> dict:
+    """Code cells from (source, printed text) pairs; a source starting with # NBVAL_IGNORE_OUTPUT is ignored."""
+    return {"cells": [{"cell_type": "code", "metadata": {}, "source": src,
+                       "outputs": [{"output_type": "stream", "name": "stdout", "text": out}] if out else []}
+                      for src, out in cells]}
+
+
+@pytest.mark.parametrize("cells", [
+    # sampled text (07's quick-start at temperature 0.8), and a SamplingParams left at its default temperature 1.0
+    [("outs = llm.generate(prompts, SamplingParams(temperature=0.8, top_p=0.95))\nprint(outs[0].text)", "x\n")],
+    [("params = SamplingParams(top_p=0.95)\n", ""), ("print(llm.generate(p, params)[0].text)", "x\n")],
+    [("out = model.generate(ids, do_sample=True)\nprint(tok.decode(out[0]))", "x\n")],
+    # a boolean from a burst polled while it runs (08's /metrics burst)
+    [("# NBVAL_IGNORE_OUTPUT\ntokens, samples = await burst()\nwaiting = [m['w'] for _, m in samples]", ""),
+     ("print('some had to wait:', max(waiting) > 0)", "some had to wait: True\n")],
+    # a value read in a loop that a clock ends (08's abort check), then compared in a checked cell
+    [("# NBVAL_IGNORE_OUTPUT\ndeadline = time.monotonic() + 30\nwhile time.monotonic() < deadline:\n"
+      "    after = scrape(url)\nsteps = after['steps']", ""), ("print(steps < 100)", "True\n")],
+    # a function that reads a clock, called later; a list appended to under a thread
+    [("def timed():\n    t0 = time.perf_counter()\n    return work()\n", ""), ("r = timed()\nprint(r > 0)", "True\n")],
+    [("xs = []\nfor t in [threading.Thread(target=f)]:\n    xs.append(t.name)\n", ""), ("print(len(xs))", "1\n")],
+])
+def test_run_dependent_values_in_checked_cells_are_flagged(cells):
+    assert run_dependent_cells(_notebook(*cells)), cells
+
+
+@pytest.mark.parametrize("cells", [
+    # greedy decoding, SamplingParams(temperature=0) and do_sample=False are the same on every run
+    [("outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8))\nprint(outs[0].text)", "x\n")],
+    [("out = model.generate(ids, do_sample=False)\nprint(tok.decode(out[0]))", "x\n")],
+    # a run-dependent value printed only in an ignored cell; a checked cell that prints nothing
+    [("# NBVAL_IGNORE_OUTPUT\nt0 = time.perf_counter()\nprint(t0)", "1.0\n"), ("dt = t0 * 2", "")],
+    # a name reassigned from a run-independent value, a comprehension's own variable, kvlab's cache.gather
+    [("# NBVAL_IGNORE_OUTPUT\nt = time.perf_counter()", ""), ("t = 3\nprint(t)", "3\n")],
+    [("# NBVAL_IGNORE_OUTPUT\nfor t in [threading.Thread(target=f)]:\n    t.start()", ""),
+     ("print([t for t in 'ab'])", "['a', 'b']\n")],
+    [("k = cache.gather(0, table, 4)\nprint(k.shape)", "(4,)\n")],
+    # the author says why it holds on every run
+    [("# NBVAL_IGNORE_OUTPUT\ntokens = await burst()", ""),
+     ("# same on every run: ignore_eos makes every request generate exactly max_tokens\nprint(set(tokens))", "{32}\n")],
+    # a figure's repr is not compared as a measurement
+    [("# NBVAL_IGNORE_OUTPUT\nruns = await sweep()", "")] + [("plot(runs)", "")],
+])
+def test_run_independent_cells_pass(cells):
+    assert run_dependent_cells(_notebook(*cells)) == [], cells
