@@ -9,12 +9,13 @@ import json
 import pytest
 
 from kvlab.engine import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
-from kvlab.serve.protocol import DONE_EVENT, ApiError, StreamEncoder, final_response, parse_chat, parse_completion
+from kvlab.serve.protocol import (DONE_EVENT, ApiError, StreamEncoder, final_response, parse_chat, parse_completion,
+                                  refusal)
 
 OK = {"model": "m", "prompt": "Hello"}
 
 
-def refusal(parse, body) -> ApiError:
+def refusal_of(parse, body) -> ApiError:
     with pytest.raises(ApiError) as info:
         parse(body)
     assert info.value.status == 400
@@ -51,17 +52,17 @@ def test_fields_reach_sampling_params():
     ({"prompt": "x"}, "model", "'model' is required"),
     ({"model": "m"}, "prompt", "'prompt' is required"),
     ({**OK, "max_token": 5}, "max_token", "unknown field 'max_token'"),
-    ({**OK, "n": "2"}, "n", "'n' must be an integer >= 1"),
+    ({**OK, "n": "2"}, "n", "'n' must be an integer in 1..1024"),
     ({**OK, "n": True}, "n", "a JSON bool"),
     ({**OK, "max_tokens": 2.5}, "max_tokens", "a JSON number"),
     ({**OK, "max_tokens": -1}, "max_tokens", "max_tokens must be null or an integer >= 1, got -1"),
     ({**OK, "max_tokens": 0}, "max_tokens", "got 0"),
-    ({**OK, "temperature": -1}, "temperature", "temperature must be a number >= 0"),
+    ({**OK, "temperature": -1}, "temperature", "temperature must be a finite number >= 0"),
     ({**OK, "temperature": "hot"}, "temperature", "a JSON string"),
     ({**OK, "top_p": 0}, "top_p", "(0, 1]"),
     ({**OK, "top_p": 1.5}, "top_p", "(0, 1]"),
-    ({**OK, "n": 0}, "n", "n must be an integer >= 1"),
-    ({**OK, "seed": -3}, "seed", "seed must be null or an integer >= 0"),
+    ({**OK, "n": 0}, "n", "n must be an integer in 1..1024"),
+    ({**OK, "seed": -3}, "seed", "seed must be null or an integer in 0..2**64 - 1"),
     ({**OK, "stop": ""}, "stop", "non-empty string"),
     ({**OK, "stop": [1]}, "stop", "non-empty string"),
     ({**OK, "stream": "yes"}, "stream", "true or false"),
@@ -76,10 +77,62 @@ def test_fields_reach_sampling_params():
     ({**OK, "prompt": {"text": "x"}}, "prompt", "a JSON object"),
 ])
 def test_bad_completion_bodies_say_what_is_allowed(body, param, words):
-    err = refusal(parse_completion, body)
+    err = refusal_of(parse_completion, body)
     assert words in err.message and err.param == param
     assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error", "param": param,
                                     "code": None}}
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize("parse, body, param, words", [
+    # issue 19: values the engine could not run once took the engine core down (2**63, 2**64), or
+    # were refused naming the wrong field ("prompt" for the seed)
+    (parse_completion, {**OK, "seed": 2**64}, "seed", "seed must be null or an integer in 0..2**64 - 1"),
+    (parse_completion, {**OK, "top_k": 2**63}, "top_k", "top_k must be an integer in 1..2,147,483,647"),
+    (parse_chat, {**CHAT, "top_k": 2**64}, "top_k", "top_k must be"),
+    (parse_completion, {**OK, "n": 10**6}, "n", "n must be an integer in 1..1024"),
+    (parse_completion, {**OK, "max_tokens": 2**64}, "max_tokens", "max_tokens must be"),
+    # chat's max_completion_tokens is named as the client spelled it, not as SamplingParams' max_tokens
+    (parse_chat, {**CHAT, "max_completion_tokens": -1}, "max_completion_tokens",
+     "max_completion_tokens must be null or an integer >= 1, got -1"),
+    (parse_chat, {**CHAT, "max_completion_tokens": 5, "max_tokens": 6}, "max_completion_tokens", "disagree"),
+    # a lone UTF-16 surrogate decodes to a Python str that no tokenizer (or UTF-8) takes
+    (parse_completion, {**OK, "prompt": "a\ud800b"}, "prompt", "prompt holds a lone UTF-16 surrogate"),
+    (parse_completion, {**OK, "stop": ["ok", "\udfff"]}, "stop", "stop[1] holds a lone UTF-16 surrogate"),
+    (parse_chat, {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]},
+     "messages", "messages[0].content[0].text holds a lone"),
+    (parse_completion, {**OK, "\ud800": 1}, None, "a key of the body holds a lone"),
+    (parse_completion, {**OK, "model": "x\udc00"}, "model", "model holds a lone"),
+])
+def test_values_out_of_range_or_not_unicode_are_refused_naming_the_field(parse, body, param, words):
+    err = refusal_of(parse, body)
+    assert words in err.message and err.param == param, err.body()
+    json.dumps(err.body(), ensure_ascii=False).encode()          # the error itself can be sent
+
+
+def test_values_at_the_edge_of_the_ranges_are_accepted():
+    p = parse_completion({**OK, "seed": 2**64 - 1, "n": 2, "top_k": 2**31 - 1, "prompt": json.loads(r'"a\ud83d\ude00b"')}).params
+    assert (p.seed, p.n, p.top_k) == (2**64 - 1, 2, 2**31 - 1)         # JSON's surrogate pair: one character
+    assert parse_chat({**CHAT, "max_completion_tokens": 7, "max_tokens": 7}).params.max_tokens == 7
+
+
+@pytest.mark.parametrize("message, endpoint, param, text", [
+    ("request 'cmpl-1': n=300 samples, but at most max_num_seqs=8 sequences run at once", "completion", "n",
+     "n=300 samples, but at most max_num_seqs=8 sequences run at once"),
+    ("request 'chatcmpl-2': stop strings need a tokenizer", "chat", "stop", "stop strings need a tokenizer"),
+    ("request 'cmpl-3': top_k=60000 is more than the vocabulary", "completion", "top_k",
+     "top_k=60000 is more than the vocabulary"),
+    ("request 'chatcmpl-4': max_tokens=9 is ...", "chat", "max_completion_tokens", "max_completion_tokens=9 is ..."),
+    ("request 'cmpl-5': the prompt has 5000 tokens", "completion", "prompt", "the prompt has 5000 tokens"),
+    ("request 'chatcmpl-6': token id 7 is outside the vocabulary", "chat", "messages", "token id 7 is outside the vocabulary"),
+    ("seed must be None or an integer", "completion", "seed", "seed must be null or an integer"),
+])
+def test_engine_refusals_name_the_body_field_they_start_with(message, endpoint, param, text):
+    names = {"max_tokens": "max_completion_tokens"} if "chatcmpl-4" in message else {}
+    err = refusal(ValueError(message), endpoint, names)
+    assert (err.status, err.param, err.message) == (400, param, text)
 
 
 @pytest.mark.parametrize("messages, words", [
@@ -92,7 +145,7 @@ def test_bad_completion_bodies_say_what_is_allowed(body, param, words):
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "text parts"),
 ])
 def test_bad_chat_messages(messages, words):
-    assert words in refusal(parse_chat, {"model": "m", "messages": messages}).message
+    assert words in refusal_of(parse_chat, {"model": "m", "messages": messages}).message
 
 
 def _out(index_texts, finished=False, reason=None, prompt=(5, 6, 7)):

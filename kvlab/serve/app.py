@@ -13,9 +13,14 @@ response also listens for the client going away: a disconnect before the request
 aborts it in the engine, which frees its KV blocks at the next step boundary.
 
 Every refusal (bad JSON, bad field, unknown model, prompt too long, queue full, missing API
-key) is an OpenAI-style error JSON with a status: 400, 401, 404, 413 or 503 (with
-Retry-After). A refusal touches nothing in the engine, so running requests never notice.
-vLLM's server (vllm/entrypoints/openai/api_server.py) is the same design on FastAPI.
+key, a body that does not arrive in time) is an OpenAI-style error JSON with a status: 400,
+401, 404, 408, 413, 431 or 503 (with Retry-After). A refusal touches nothing in the engine, so
+running requests never notice. vLLM's server (vllm/entrypoints/openai/api_server.py) is the
+same design on FastAPI.
+
+A client may also be slow or hostile. TimedHttpProtocol (uvicorn's httptools protocol with a
+header deadline and size limit) and read_json's body deadline close a connection whose request
+stalls; a client that leaves while sending its body is no error of the server's.
 """
 
 from __future__ import annotations
@@ -31,27 +36,40 @@ from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from kvlab.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from kvlab.serve.metrics import CONTENT_TYPE, ServerMetrics
-from kvlab.serve.protocol import ApiError, GenerateRequest, StreamEncoder, final_response, parse_chat, parse_completion
+from kvlab.serve.protocol import (ApiError, GenerateRequest, StreamEncoder, final_response, parse_chat,
+                                  parse_completion, refusal, to_json)
 
 logger = logging.getLogger("kvlab.serve")
 
 MAX_BODY_BYTES = 32 * 2**20     # 32 MiB: a prompt far longer than any model's context still fits
+MAX_HEADER_BYTES = 64 * 2**10   # 64 KiB of request line and headers (h11's default is 16 KiB; cookies run long)
+REQUEST_READ_TIMEOUT_S = 30.0   # seconds a client may take to send a request's headers, and again its body
 RETRY_AFTER_S = 1               # what a 503 (queue full) tells the client to wait, seconds
-REJECT_REASONS = {400: "invalid", 413: "too_large"}      # for errors without a code of their own
+REJECT_REASONS = {400: "invalid", 408: "timeout", 413: "too_large"}   # for errors without a code of their own
+HTTP10_STREAM = ('"stream": true needs HTTP/1.1: the events of a stream go out with chunked transfer encoding, which '
+                 'HTTP/1.0 lacks. Send the request over HTTP/1.1 (curl: without --http1.0; nginx: '
+                 '"proxy_http_version 1.1;"), or without "stream"')
+try:                                    # what a chat template raises for messages it refuses (transformers
+    from jinja2.exceptions import TemplateError     # renders chat templates with jinja2)
+except ImportError:                     # pragma: no cover -- no jinja2: apply_chat_template cannot run either
+    TemplateError = ValueError
 
 
 class OpenAIServer:
     """The state behind the routes: the engine, the metrics, the tokenizer."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, stream_interval: int = 1):
+    def __init__(self, engine: AsyncEngine, model_name: str, stream_interval: int = 1,
+                 request_read_timeout: float = REQUEST_READ_TIMEOUT_S):
         self.engine = engine
         self.stream_interval = stream_interval
+        self.request_read_timeout = request_read_timeout
         self.metrics = ServerMetrics(engine)
         engine.on_finished = self.metrics.observe_finished
         self.model_name = model_name
@@ -65,7 +83,9 @@ class OpenAIServer:
     # ------------------------------------------------------------------ generation
     async def generate(self, request: Request, parse) -> EngineResponse:
         arrival = time.perf_counter()
-        req: GenerateRequest = parse(await read_json(request))
+        req: GenerateRequest = parse(await read_json(request, timeout=self.request_read_timeout))
+        if req.stream and request.scope.get("http_version") == "1.0":
+            raise ApiError(400, HTTP10_STREAM, param="stream")
         if req.model != self.model_name:
             raise ApiError(404, f"the model '{req.model}' does not exist on this server; it serves "
                                 f"'{self.model_name}' (GET /v1/models)", param="model", code="model_not_found")
@@ -76,8 +96,8 @@ class OpenAIServer:
                                                    self.stream_interval if req.stream else 1)
         except QueueFullError as err:
             raise ApiError(503, str(err), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except (ValueError, TypeError) as err:
-            raise ApiError(400, str(err), param="prompt" if req.endpoint == "completion" else "messages") from None
+        except (ValueError, TypeError) as err:               # the engine names the field at fault first
+            raise refusal(err, req.endpoint, req.field_names) from None
         except EngineDeadError as err:
             raise ApiError(503, str(err), code="engine_unavailable") from None
         return EngineResponse(self, req, stream)
@@ -91,8 +111,12 @@ class OpenAIServer:
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ApiError(400, f"the model '{self.model_name}' has no chat template; use /v1/completions",
                                param="messages")
-            enc = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
+            try:
+                enc = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True,
+                                                         return_dict=True)
+            except TemplateError as err:                  # e.g. "roles must alternate user/assistant"
+                raise ApiError(400, f"the chat template of '{self.model_name}' refuses these messages: {err}",
+                               param="messages") from None
             return list(enc["input_ids"])
         if isinstance(req.prompt, str):
             return self.tokenizer.encode(req.prompt)
@@ -183,17 +207,34 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
-async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES):
+async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES, timeout: float = REQUEST_READ_TIMEOUT_S):
+    """The request body, parsed. Refused: a body that has not all arrived after `timeout` seconds
+    (408: a stalled or slowloris client; uvicorn has no body timeout of its own), one above
+    max_bytes (413), one that is not JSON or is nested too deeply for the parser (400). Both 408
+    and 413 close the connection: the rest of the body is never read. A client that disconnects
+    meanwhile raises starlette's ClientDisconnect."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, max_bytes), timeout)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--request-read-timeout); "
+                            f"send it whole, at once", headers={"Connection": "close"}) from None
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:                                  # [[[[...: Python's parser recurses per level
+        raise ApiError(400, "the request body is nested too deeply (arrays or objects inside each other, about "
+                            "1,000 levels or more); an OpenAI request needs a handful") from None
+    except (ValueError, UnicodeDecodeError) as err:         # JSONDecodeError is a ValueError
+        raise ApiError(400, f"the request body is not valid JSON ({err}); send a JSON object, e.g. "
+                            f'{{"model": ..., "prompt": ...}}') from None
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytearray:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_bytes:
-            raise ApiError(413, f"the request body is larger than {max_bytes} bytes")
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as err:         # JSONDecodeError is a ValueError
-        raise ApiError(400, f"the request body is not valid JSON ({err}); send a JSON object, e.g. "
-                            f'{{"model": ..., "prompt": ...}}') from None
+            raise ApiError(413, f"the request body is larger than {max_bytes} bytes", headers={"Connection": "close"})
+    return body
 
 
 def error_response(err: ApiError) -> Response:
@@ -227,12 +268,85 @@ class ApiKeyAuth:
         return same and scheme.lower() == b"bearer"
 
 
+class TimedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (its fast C parser), with the limits uvicorn leaves out.
+
+    uvicorn times out only an idle keep-alive connection, after a response; a client that opens a
+    connection and sends nothing, or half its headers (slowloris), holds it for ever, and its
+    header size limit (h11_max_incomplete_event_size) applies to the h11 parser only. Here a
+    request's line and headers must arrive within `header_timeout` seconds of the connection or of
+    the request's first byte, and within `max_header_bytes`; else the client gets 408 or 431 and
+    the connection closes. The body has its own deadline, in read_json. Make one with
+    `TimedHttpProtocol.with_limits(...)` and pass it as uvicorn.Config(http=...).
+    """
+    header_timeout: float = REQUEST_READ_TIMEOUT_S
+    max_header_bytes: int = MAX_HEADER_BYTES
+
+    @classmethod
+    def with_limits(cls, header_timeout: float, max_header_bytes: int = MAX_HEADER_BYTES) -> type:
+        return type(cls.__name__, (cls,), {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes})
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_bytes = 0                 # bytes received while the current request's headers were incomplete
+        self._head_timer = None
+        self._wait_for_head()
+
+    def on_message_begin(self) -> None:      # the parser saw a request's first byte
+        super().on_message_begin()
+        self._wait_for_head()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse(431, f"the request line and headers are larger than {self.max_header_bytes} bytes")
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _wait_for_head(self) -> None:
+        self._cancel_head_timer()
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes == 0 and self.cycle is None:
+            self.transport.close()           # a connection that never sent anything: no one to answer
+        else:
+            self._refuse(408, f"the request's headers did not arrive within {self.header_timeout:g} s "
+                              f"(--request-read-timeout)")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer `status` with OpenAI's error JSON, outside any request cycle, and close."""
+        self._cancel_head_timer()
+        body = to_json(ApiError(status, message).body()).encode()
+        self.transport.write(STATUS_LINE[status] + b"content-type: application/json\r\ncontent-length: "
+                             + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+        self.transport.close()
+
+
 def build_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None,
-              stream_interval: int = 1) -> Starlette:
+              stream_interval: int = 1, request_read_timeout: float = REQUEST_READ_TIMEOUT_S) -> Starlette:
     """The ASGI app serving `engine` (AsyncEngine.launch) as `model_name`. The app's start starts
     the threads that talk to the engine core; its end stops the core: requests still in the
-    engine are then aborted. stream_interval: see EngineResponse."""
-    server = OpenAIServer(engine, model_name, stream_interval)
+    engine are then aborted. stream_interval: see EngineResponse; request_read_timeout: seconds a
+    request's body may take to arrive (read_json)."""
+    server = OpenAIServer(engine, model_name, stream_interval, request_read_timeout)
 
     async def completions(request: Request):
         return await server.generate(request, parse_completion)
@@ -247,6 +361,10 @@ def build_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = Non
     async def on_http_error(request: Request, err: HTTPException):
         return error_response(ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
                                        code="not_found" if err.status_code == 404 else None))
+
+    async def on_client_gone(request: Request, err: ClientDisconnect):
+        logger.debug("%s %s: the client disconnected before its request arrived", request.method, request.url.path)
+        return Response(status_code=499)           # nginx's "client closed request"; no one reads it
 
     async def on_crash(request: Request, err: Exception):
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
@@ -267,7 +385,8 @@ def build_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = Non
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_page, methods=["GET"]),
-    ], exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
+    ], exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
+                           Exception: on_crash},
         lifespan=lifespan)
     app.state.server = server
     if api_key:

@@ -149,6 +149,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "once); larger: fewer events, more throughput, burstier text (default 1, as vLLM and SGLang)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may take to finish before they are aborted (30)")
+    g.add_argument("--request-read-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request's headers, and again its body; then 408 and "
+                        "the connection closes (slow or stalled clients, slowloris) (default 30)")
+    g.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open between requests (default 5, as uvicorn)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--access-log", action="store_true", help="log every HTTP request (default off)")
 
@@ -156,7 +161,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvicorn
 
-    from kvlab.serve.app import build_app
+    from kvlab.serve.app import TimedHttpProtocol, build_app
     from kvlab.serve.async_engine import AsyncEngine
 
     if not 0 <= args.port <= 65535:
@@ -167,6 +172,9 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--stream-interval {args.stream_interval}: must be >= 1 token")
     if not args.shutdown_timeout >= 0:
         parser.error(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0 seconds")
+    for flag in ("request_read_timeout", "timeout_keep_alive"):
+        if not 0 < getattr(args, flag) < float("inf"):
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive number of seconds")
     check_engine_flags(args, parser)         # every flag checked before anything loads
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
@@ -190,8 +198,13 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print("kvlab serve: no tokenizer: prompts are token ids, answers are token ids "
               "(ask for them with 'return_token_ids': true)", flush=True)
     app = build_app(engine, args.served_model_name or args.model, api_key=args.api_key,
-                    stream_interval=args.stream_interval)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
+                    stream_interval=args.stream_interval, request_read_timeout=args.request_read_timeout)
+    # Every timeout set on purpose: headers and body each within --request-read-timeout (uvicorn has
+    # neither; TimedHttpProtocol and read_json add them), idle keep-alive connections closed after
+    # --timeout-keep-alive, running requests given --shutdown-timeout on SIGTERM.
+    server = uvicorn.Server(uvicorn.Config(app, http=TimedHttpProtocol.with_limits(args.request_read_timeout),
+                                           log_level=args.log_level, access_log=args.access_log,
+                                           timeout_keep_alive=args.timeout_keep_alive,
                                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on"))
     _exit_with_parent(server)
     engine.on_dead = lambda: setattr(server, "should_exit", True)   # a dead engine: exit, to be restarted

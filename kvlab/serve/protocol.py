@@ -9,8 +9,11 @@ refusal is an `ApiError` that becomes OpenAI's error JSON:
   * a field OpenAI does not define (a typo: `max_token`)       -> 400, listing the fields allowed
   * an OpenAI field kvlab does not implement (`logit_bias`)    -> 400, unless it has its neutral value
   * a value of the wrong JSON type (`"n": "2"`)                -> 400, saying what is allowed
-  * a value out of range (`"temperature": -1`)                 -> 400, from kvlab.SamplingParams, which
+  * a value out of range (`"temperature": -1`, `"seed": 2**64`) -> 400, from kvlab.SamplingParams, which
                                                                   owns the ranges (one rule, one place)
+  * a value the engine refuses for this model (`"n": 1000`)    -> 400 (`refusal`: the engine's message,
+                                                                  `param` the field it names first)
+  * a string that is not Unicode (a lone surrogate `"\\ud800"`) -> 400: no tokenizer can encode it
 
 Responses follow OpenAI's API reference (platform.openai.com/docs/api-reference: completions,
 chat, streaming chunks, usage), with vLLM's extensions where kvlab has the feature (`top_k`,
@@ -22,11 +25,13 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from kvlab.engine import RequestOutput, RequestOutputKind, SamplingParams
+from kvlab.engine.sampling_params import MAX_N, MAX_TOP_K
 
 DONE_EVENT = b"data: [DONE]\n\n"
 # One encoder for every event: json.dumps with any non-default option builds a new JSONEncoder
@@ -79,13 +84,14 @@ SAMPLING_FIELDS = {
     "max_tokens": Field(("int", "null"), "an integer >= 1, or null"),
     "temperature": Field(("number", "null"), "a number >= 0 (0 is greedy)"),
     "top_p": Field(("number", "null"), "a number in (0, 1]"),
-    "n": Field(("int", "null"), "an integer >= 1"),
-    "seed": Field(("int", "null"), "an integer >= 0, or null"),
+    "n": Field(("int", "null"), f"an integer in 1..{MAX_N}"),
+    "seed": Field(("int", "null"), "an integer in 0..2**64 - 1, or null"),
     "stop": Field(("string", "array", "null"), "a non-empty string or a list of them"),
     "stream": Field(("bool", "null"), "true or false"),
     "stream_options": Field(("object", "null"), 'an object {"include_usage": true or false}'),
     "user": Field(("string", "null"), "a string (kvlab records it nowhere)"),
-    "top_k": Field(("int", "null"), "an integer >= 1, or 0 / -1 for no limit (a vLLM extension)"),
+    "top_k": Field(("int", "null"), f"an integer in 1..{MAX_TOP_K:,} (at most the vocabulary), or 0 / -1 for no "
+                                    f"limit (a vLLM extension)"),
     "ignore_eos": Field(("bool", "null"), "true or false (a vLLM extension: keep going past EOS)"),
     "return_token_ids": Field(("bool", "null"), "true or false (a vLLM extension: each choice also carries "
                                                 "its token ids)"),
@@ -113,10 +119,44 @@ def _is_neutral(value, neutral) -> bool:
     return neutral is not None and _kind(value) in ("int", "number") and value == neutral
 
 
+def _lone_surrogate(body) -> tuple[str, str | None] | None:
+    """Where the first string that is not valid Unicode sits in a decoded body, as (path, top-level
+    field): ("messages[0].content", "messages"), or None. JSON lets a string hold half a UTF-16
+    surrogate pair ("\\ud800"); Python decodes it, but no tokenizer or UTF-8 encoder takes it. The
+    path is built of keys already checked, so a message can show it."""
+    def bad(s) -> bool:
+        if isinstance(s, str) and not s.isascii():
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        return False
+
+    stack = [(body, "the body", None)]                   # iterative: a body may nest deeply
+    while stack:
+        value, where, top = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if bad(key):
+                    return f"a key of {where}", top
+                stack.append((item, f"{where}.{key}" if top else key, top or key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", top) for i, item in enumerate(value)
+                         if isinstance(item, (str, list, dict)))
+        elif bad(value):
+            return where, top
+    return None
+
+
 def _check_fields(body, fields: dict[str, Field], endpoint: str) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object with the fields of {endpoint}, got a JSON "
                             f"{_kind(body)}")
+    surrogate = _lone_surrogate(body)
+    if surrogate is not None:
+        where, top = surrogate
+        raise ApiError(400, f"{where} holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair): "
+                            f"JSON strings must be valid Unicode", param=top)
     for name, value in body.items():
         if name in fields:
             spec = fields[name]
@@ -151,6 +191,8 @@ class GenerateRequest:
     messages: list[dict] | None = None     # chat: role/content messages (content as text)
     request_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    field_names: dict[str, str] = field(default_factory=dict)   # SamplingParams field -> the body's name, where
+                                                                # they differ (chat's max_completion_tokens)
 
 
 def parse_completion(body) -> GenerateRequest:
@@ -185,9 +227,14 @@ def parse_chat(body) -> GenerateRequest:
                            param=where)
         messages.append({"role": "system" if m["role"] == "developer" else m["role"],
                          "content": _message_text(m.get("content"), where)})
-    if "max_completion_tokens" in f:
-        f.setdefault("max_tokens", f.pop("max_completion_tokens"))
-    req = _generate_request("chat", f, default_max_tokens=None)       # chat: until EOS or the model's limit
+    names = {}
+    if "max_completion_tokens" in f:                     # OpenAI's newer name; max_tokens is deprecated for chat
+        if f.get("max_tokens", f["max_completion_tokens"]) != f["max_completion_tokens"]:
+            raise ApiError(400, f"'max_completion_tokens' ({f['max_completion_tokens']}) and 'max_tokens' "
+                                f"({f['max_tokens']}) disagree; send one of them", param="max_completion_tokens")
+        f["max_tokens"] = f.pop("max_completion_tokens")
+        names["max_tokens"] = "max_completion_tokens"
+    req = _generate_request("chat", f, default_max_tokens=None, field_names=names)   # chat: until EOS or max length
     req.messages = messages
     req.request_id = f"chatcmpl-{uuid.uuid4().hex}"
     return req
@@ -204,7 +251,8 @@ def _message_text(content, where: str) -> str:
                         f'{{"type": "text", "text": ...}} (kvlab serves text models only)', param=where)
 
 
-def _generate_request(endpoint: str, f: dict, default_max_tokens: int | None) -> GenerateRequest:
+def _generate_request(endpoint: str, f: dict, default_max_tokens: int | None,
+                      field_names: dict[str, str] | None = None) -> GenerateRequest:
     stream = f.get("stream", False)
     options = f.get("stream_options", {})
     if options and not stream:
@@ -219,12 +267,32 @@ def _generate_request(endpoint: str, f: dict, default_max_tokens: int | None) ->
                                 max_tokens=f.get("max_tokens", default_max_tokens), stop=f.get("stop"),
                                 ignore_eos=f.get("ignore_eos", False), output_kind=kind)
     except (ValueError, TypeError) as err:                 # SamplingParams names the field first
-        message = str(err).replace("None or", "null or")      # Python's None is JSON's null
-        name = message.split()[0]
-        raise ApiError(400, message, param=name if name in SAMPLING_FIELDS else None) from None
+        raise refusal(err, endpoint, field_names) from None
     return GenerateRequest(endpoint, f["model"], params, stream=stream,
                            include_usage=options.get("include_usage", False),
-                           return_token_ids=f.get("return_token_ids", False))
+                           return_token_ids=f.get("return_token_ids", False), field_names=field_names or {})
+
+
+# The fields of SamplingParams a body sets under the same name.
+BODY_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "ignore_eos")
+_ENGINE_PREFIX = re.compile(r"request '[^']*': ")         # LLMEngine.add_request names the request first
+
+
+def refusal(err: Exception, endpoint: str, field_names: dict[str, str] | None = None) -> ApiError:
+    """The 400 for a request that SamplingParams or the engine refused (a ValueError or TypeError).
+
+    Their messages start with the field at fault ("seed must be ..., got ...", "request 'cmpl-1':
+    n=300 samples, but ..."): `param` names that field as the body spelled it (chat's
+    max_completion_tokens for max_tokens) and the message does too. Any other message is about
+    the prompt (completions) or the messages (chat). The server's request id is left out: the
+    client never saw it."""
+    message = _ENGINE_PREFIX.sub("", str(err), count=1).replace("None or", "null or")   # Python's None: JSON's null
+    word = re.match(r"[a-z_]+", message)
+    name = word.group() if word else ""
+    if name in BODY_SAMPLING_FIELDS:
+        body_name = (field_names or {}).get(name, name)
+        return ApiError(400, body_name + message[len(name):], param=body_name)
+    return ApiError(400, message, param="prompt" if endpoint == "completion" else "messages")
 
 
 # ---- responses ----------------------------------------------------------------------------------
