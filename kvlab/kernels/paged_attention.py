@@ -101,27 +101,38 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
                 torch.float64: "float64"}
 
 
+CACHE_LAYOUT = "(num_blocks, block_size, num_kv_heads, head_dim)"
+
+
 def _require_tensors(tensors: dict) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None,
-                          dtypes: tuple = KERNEL_DTYPES) -> float:
-    """Check the arguments' types, shapes, dtypes and devices (no device-to-host copy) and
-    return the softmax scale to use (1 / sqrt(head_dim) when scale is None). Raises TypeError
-    or ValueError saying what is wrong and what is allowed."""
-    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+def _names(names: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b and c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def check_paged_tensors(tensors: dict[str, torch.Tensor], layouts: dict[str, tuple[int, str]],
+                        dtypes: tuple = KERNEL_DTYPES) -> None:
+    """What the decode and the prefill kernel both ask of their tensors, checked with no
+    device-to-host copy. `tensors` holds q, k_cache, v_cache, then the int32 index tensors
+    (block_tables and the kernel's own); `layouts` gives q's and each index tensor's
+    (dimensions, layout) for the messages. Checks: torch tensors of those dimensions; k_cache
+    and v_cache of one shape CACHE_LAYOUT, their head_dim q's (1..256), their KV heads dividing
+    q's heads; q, k_cache, v_cache of one dtype among `dtypes`; the index tensors int32; one
+    device. Raises TypeError or ValueError naming the argument and saying what is allowed.
+    How many rows each tensor has is the caller's to check (the kernels differ)."""
     _require_tensors(tensors)
-    for name, ndim, layout in (("q", 3, "(num_seqs, num_heads, head_dim)"),
-                               ("k_cache", 4, "(num_blocks, block_size, num_kv_heads, head_dim)"),
-                               ("v_cache", 4, "(num_blocks, block_size, num_kv_heads, head_dim)"),
-                               ("block_tables", 2, "(num_seqs, max_blocks)"), ("seq_lens", 1, "(num_seqs,)")):
+    layouts = dict(k_cache=(4, CACHE_LAYOUT), v_cache=(4, CACHE_LAYOUT), **layouts)
+    for name, (ndim, layout) in layouts.items():
         if tensors[name].dim() != ndim:
             raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(tensors[name].shape)}")
-    num_seqs, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, kv_head_dim = k_cache.shape
+    q, k_cache, v_cache = tensors["q"], tensors["k_cache"], tensors["v_cache"]
+    num_heads, head_dim = q.shape[1:]
+    block_size, num_kv_heads, kv_head_dim = k_cache.shape[1:]
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
     if kv_head_dim != head_dim:
@@ -132,22 +143,53 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=Non
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
     if block_size < 1:
         raise ValueError("block_size (k_cache.shape[1]) must be >= 1")
-    if block_tables.shape[0] != num_seqs or seq_lens.shape[0] != num_seqs:
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} "
-                         f"must have num_seqs = {num_seqs} rows, one per query")
     if q.dtype not in dtypes:
         raise ValueError(f"q dtype must be one of {', '.join(_DTYPE_NAMES[d] for d in dtypes)}, got {q.dtype}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-        raise ValueError(f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}")
+    index = [name for name in tensors if name not in ("q", "k_cache", "v_cache")]
+    if any(tensors[name].dtype != torch.int32 for name in index):
+        raise ValueError(f"{_names(index)} must be int32, got {', '.join(str(tensors[n].dtype) for n in index)}")
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale to use: 1 / sqrt(head_dim) when scale is None, else a positive finite number."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     return checks.in_range("scale", scale, 0, math.inf, "a positive finite number or None", low_open=True,
                            high_open=True)
+
+
+def check_out(out, q: torch.Tensor) -> torch.Tensor:
+    """Where a kernel writes its result: a new tensor like q when out is None, else out, which
+    must have q's shape, dtype and device and unit stride in its last dimension."""
+    if out is None:
+        return torch.empty_like(q)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if not (out.shape == q.shape and out.dtype == q.dtype and out.device == q.device and out.stride(-1) == 1):
+        raise ValueError(f"out must be a tensor of q's shape {tuple(q.shape)}, dtype {q.dtype} and device "
+                         f"{q.device}, contiguous in its last dimension; got {tuple(out.shape)}, {out.dtype}, "
+                         f"{out.device}, strides {out.stride()}")
+    return out
+
+
+def check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None,
+                          dtypes: tuple = KERNEL_DTYPES) -> float:
+    """Check the decode kernel's arguments' types, shapes, dtypes and devices (no device-to-host
+    copy) and return the softmax scale to use (1 / sqrt(head_dim) when scale is None). Raises
+    TypeError or ValueError saying what is wrong and what is allowed."""
+    check_paged_tensors(dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens),
+                        dict(q=(3, "(num_seqs, num_heads, head_dim)"), block_tables=(2, "(num_seqs, max_blocks)"),
+                             seq_lens=(1, "(num_seqs,)")), dtypes)
+    num_seqs = q.shape[0]
+    if block_tables.shape[0] != num_seqs or seq_lens.shape[0] != num_seqs:
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} "
+                         f"must have num_seqs = {num_seqs} rows, one per query")
+    return check_scale(scale, q.shape[2])
 
 
 def check_block_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int,
@@ -207,9 +249,92 @@ def check_launchable(tensors: dict[str, torch.Tensor]) -> None:
 # (sequence, KV head) programs to keep 132 SMs busy, so each sequence's tokens are cut into
 # num_splits ranges handled by separate programs, each writing a partial (o, m, l); a
 # second small kernel merges them: out = sum_i l_i 2^(m_i - M) o_i / sum_i l_i 2^(m_i - M).
+#
+# The loop's two steps are @triton.jit helpers that the paged prefill kernel
+# (kvlab.kernels.prefill_attention) calls too: `load_kv_tile` (K and V of BLOCK_N tokens
+# through the block table) and `online_softmax_step` (one tile's scores folded into m, l
+# and the accumulator). Triton inlines them into each kernel (KERNEL_NOTES.md: the code
+# compiled for an H100 stayed the same when the loop moved into them).
 
 import triton  # noqa: E402  (kvlab.kernels has set TRITON_INTERPRET=1 first where there is no GPU)
 import triton.language as tl  # noqa: E402
+
+
+def dot_constexprs(dtype: torch.dtype, interpret: bool) -> dict:
+    """How both attention kernels call tl.dot, decided in this one place:
+
+    UPCAST  cast q, K and V to fp32 before tl.dot, only under the CPU interpreter: there a dot of
+            bfloat16 tiles returns garbage (errors ~3e10; fp16 and fp32 are right), and fp32 for
+            every dtype is simplest. On a GPU fp16 and bf16 tiles go to the tensor cores as they
+            are (accumulating in fp32); an upcast would double the tiles' registers and leave
+            the 16-bit tensor-core path.
+    IEEE    an fp32 cache gets full-precision fp32 dots: Triton's default on a GPU is TF32, inputs
+            rounded to a 10-bit mantissa (2^-11 ~ 5e-4 relative), far above the fp32 tests' 2e-5.
+            The interpreter multiplies in full precision whatever it is asked (numpy matmul), so
+            there it changes nothing.
+    """
+    return dict(UPCAST=interpret, IEEE=dtype == torch.float32)
+
+
+@triton.jit
+def load_kv_tile(
+    k_cache_ptr,      # (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim) keys, paged
+    v_cache_ptr,      # (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim) values, paged
+    bt_row,           # int32 pointer: this sequence's row of block_tables
+    tok,              # (BLOCK_N,) logical token positions to load
+    mask_n,           # (BLOCK_N,) which of them to load (the others read as zeros)
+    kv_head,          # int: the KV head
+    offs_d, mask_d,   # (D_PAD,) offsets within head_dim, and which lie below head_dim
+    num_blocks,       # int: blocks in the pool
+    stride_kb, stride_ks, stride_kh,      # k_cache strides: block, slot, head
+    stride_vb, stride_vs, stride_vh,      # v_cache strides: block, slot, head
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    UPCAST: tl.constexpr,      # return fp32 tiles (dot_constexprs says when)
+):
+    """K and V of tokens `tok` of one sequence and one KV head, (BLOCK_N, D_PAD) each: the block
+    table turns each logical position into (physical block, slot)."""
+    block = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    slot = tok % BLOCK_SIZE
+    in_pool = (block >= 0) & (block < num_blocks)    # by contract always; never read outside the pool
+    mask_kv = (mask_n & in_pool)[:, None] & mask_d[None, :]
+    k = tl.load(k_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
+                + kv_head * stride_kh + offs_d[None, :], mask=mask_kv, other=0.0)   # (BLOCK_N, D_PAD)
+    v = tl.load(v_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
+                + kv_head * stride_vh + offs_d[None, :], mask=mask_kv, other=0.0)   # (BLOCK_N, D_PAD)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def online_softmax_step(
+    q,                # (M, D_PAD) queries (M: a GQA group, or a tile of a chunk's queries)
+    k, v,             # (BLOCK_N, D_PAD) one tile of keys and values
+    visible,          # bool, broadcasts to (M, BLOCK_N): which keys each query may see
+    qk_scale,         # float: scale * log2(e), so that exp2 gives exp
+    m_i,              # (M,) fp32 running max of the scores (log2 units)
+    l_i,              # (M,) fp32 running sum of 2^(score - m_i)
+    acc,              # (M, D_PAD) fp32 running sum of 2^(score - m_i) * v
+    IEEE: tl.constexpr,        # full-precision fp32 dots, not TF32 (dot_constexprs says when)
+):
+    """Fold one tile into the online softmax; returns the new (m_i, l_i, acc). Each query must
+    see a key in its first tile (decode: every tile has one; prefill: key 0), so m stays finite."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(visible, s * qk_scale, float("-inf"))                         # (M, BLOCK_N)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)                     # rescales what was summed so far
+    p = tl.exp2(s - m_new[:, None])                  # (M, BLOCK_N)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv                  # (M, D_PAD)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -240,8 +365,8 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,     # tokens per loop iteration
     SPLIT: tl.constexpr,       # False: write out directly; True: write partials for the reduce kernel
-    UPCAST: tl.constexpr,      # cast K/V/q to fp32 before tl.dot (the CPU interpreter needs it for bf16)
-    IEEE: tl.constexpr,        # fp32 caches: exact fp32 dot instead of tf32
+    UPCAST: tl.constexpr,      # q, K, V in fp32 before tl.dot (dot_constexprs: the CPU interpreter's bf16)
+    IEEE: tl.constexpr,        # full-precision fp32 dots, not TF32 (dot_constexprs: fp32 caches)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -271,35 +396,9 @@ def _paged_attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + offs_n                                  # (BLOCK_N,) logical token positions
         mask_n = tok < end
-        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        slot = tok % BLOCK_SIZE
-        in_pool = (block >= 0) & (block < num_blocks)    # by contract always; never read outside the pool
-        mask_kv = (mask_n & in_pool)[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
-                    + kv_head * stride_kh + offs_d[None, :], mask=mask_kv, other=0.0)  # (BLOCK_N, D_PAD)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
-                    + kv_head * stride_vh + offs_d[None, :], mask=mask_kv, other=0.0)  # (BLOCK_N, D_PAD)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale                                                       # (G_PAD, BLOCK_N)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))       # finite: every tile has a valid token
-        alpha = tl.exp2(m_i - m_new)                     # rescales what was summed so far
-        p = tl.exp2(s - m_new[:, None])                  # (G_PAD, BLOCK_N)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv                  # (G_PAD, D_PAD)
-        m_i = m_new
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, tok, mask_n, kv_head, offs_d, mask_d, num_blocks,
+                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE, UPCAST)
+        m_i, l_i, acc = online_softmax_step(q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]     # an empty range gives zeros
     mask_out = mask_g[:, None] & mask_d[None, :]
@@ -429,8 +528,7 @@ def _plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, block
     constexprs = dict(
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=num_splits > 1,
-        UPCAST=interpret, IEEE=dtype == torch.float32 and not interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **dot_constexprs(dtype, interpret), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     reduce_constexprs = dict(S_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, D_PAD=d_pad,
                              num_warps=4)
@@ -514,14 +612,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     scale = check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     check_launchable(dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens))
-    if out is None:
-        out = torch.empty_like(q)                        # (S, Hq, D)
-    elif not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    elif not (out.shape == q.shape and out.dtype == q.dtype and out.device == q.device and out.stride(-1) == 1):
-        raise ValueError(f"out must be a tensor of q's shape {tuple(q.shape)}, dtype {q.dtype} and device "
-                         f"{q.device}, contiguous in its last dimension; got {tuple(out.shape)}, {out.dtype}, "
-                         f"{out.device}, strides {out.stride()}")
+    out = check_out(out, q)                              # (S, Hq, D)
     if num_splits is not None:
         num_splits = checks.positive_int("num_splits", num_splits, "a positive integer or None")
     if not isinstance(config, KernelConfig):
