@@ -104,3 +104,55 @@ def test_bad_arguments_say_what_is_allowed(change, match):
     context = change.get("context", context).to(q.device)
     with pytest.raises((ValueError, TypeError), match=match):
         prefill_attention(q, k_cache, v_cache, tables, starts, context, change.get("scale"))
+
+
+def _bad_prefill_inputs():
+    """(error, message, what to change): the decode kernel's checks and messages (shared), then the
+    prefill kernel's own (query_start, context_lens)."""
+    q, k_cache, v_cache, tables, starts, context = make_case([(16, 20), (0, 5)])
+    other = lambda t: dict(q=q, k_cache=k_cache, v_cache=v_cache, tables=tables, starts=starts, context=context) | t
+    bad_table = tables.clone()
+    bad_table[1, 0] = 99                        # row 1 (5 keys) reads entry 0: a block the cache does not have
+    return [
+        (TypeError, "query_start must be a torch.Tensor, got list", other(dict(starts=starts.tolist()))),
+        (ValueError, r"q must have 3 dimensions \(num_tokens, num_heads, head_dim\)", other(dict(q=q[0]))),
+        (ValueError, "q, k_cache, v_cache must share a dtype", other(dict(q=q.half()))),
+        (ValueError, "q dtype must be one of float16, bfloat16, float32, got torch.float64",
+         other(dict(q=q.double(), k_cache=k_cache.double(), v_cache=v_cache.double()))),
+        (ValueError, r"num_heads \(5\) must be a positive multiple of num_kv_heads \(2\)", other(dict(q=q[:, :5]))),
+        (ValueError, "q head_dim 16 != cache head_dim 32", other(dict(q=q[..., :16]))),
+        (ValueError, "block_tables, query_start and context_lens must be int32", other(dict(context=context.long()))),
+        (ValueError, r"context_lens \(2,\); got \(3,\), \(1,\)", other(dict(context=context[:1]))),
+        (ValueError, r"block_tables\[1, 0\] = 99: .* cache \(0\.\.", other(dict(tables=bad_table))),
+        (ValueError, r"query_start must rise from 0 to num_tokens \(25\)",
+         other(dict(starts=torch.tensor([0, 30, 25], dtype=torch.int32, device=q.device)))),
+        (ValueError, r"context_lens\[1\] = -3: context_lens must be >= 0",
+         other(dict(context=torch.tensor([16, -3], dtype=torch.int32, device=q.device)))),
+        (ValueError, "scale must be a positive finite number or None, got nan", other(dict(scale=float("nan")))),
+    ]
+
+
+@pytest.mark.parametrize("error, match, args", _bad_prefill_inputs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_kernel_and_reference_check_like_the_decode_kernel_and_write_nothing(error, match, args):
+    """The prefill kernel's argument checks are the decode kernel's (one shared function, one
+    wording), its reference checks the same contract, and a rejected call leaves `out` untouched."""
+    scale = args.pop("scale", None)
+    call = (args["q"], args["k_cache"], args["v_cache"], args["tables"], args["starts"], args["context"], scale)
+    out = torch.full((25, 6, 32), float("nan"), device=DEVICE)
+    with pytest.raises(error, match=match):
+        prefill_attention(*call, out=out)
+    assert torch.isnan(out).all()
+    if "float64" not in match:                  # float64 is a torch-only luxury: the reference takes it
+        with pytest.raises(error, match=match):
+            prefill_attention_reference(*call)
+
+
+def test_reference_takes_float64_and_out_is_checked_like_decode():
+    q, k_cache, v_cache, tables, starts, context = make_case([(16, 20), (0, 5)])
+    args64 = (q.double(), k_cache.double(), v_cache.double(), tables, starts, context)
+    torch.testing.assert_close(prefill_attention_reference(*args64).float(),
+                               prefill_attention_reference(q, k_cache, v_cache, tables, starts, context))
+    with pytest.raises(ValueError, match="out must be a tensor of q's shape"):
+        prefill_attention(q, k_cache, v_cache, tables, starts, context, out=torch.empty(25, 6, 16, device=DEVICE))
+    out = torch.empty_like(q)
+    assert prefill_attention(q, k_cache, v_cache, tables, starts, context, out=out) is out

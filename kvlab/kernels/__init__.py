@@ -4,7 +4,9 @@
     paged_attention            the Triton decode kernel (GQA, online softmax, split-K), every
                                argument checked (values too: one device-to-host copy)
     prefill_attention (kvlab.kernels.prefill_attention)  prompt chunks after a context, causal,
-                               read through the block table (the engine's prefill rows on a GPU)
+                               read through the block table (the engine's prefill rows on a GPU);
+                               its loop calls the decode kernel's two @triton.jit steps,
+                               load_kv_tile and online_softmax_step
     store_kv / store_kv_reference  write new K/V into the paged cache through a slot mapping
     paged_attention_launch, store_kv_launch  the same kernels with no checks and no host sync,
                                for callers that built the metadata themselves (the engine)

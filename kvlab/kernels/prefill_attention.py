@@ -28,13 +28,15 @@ job; its newer unified kernel also folds decode rows into one launch.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
 from kvlab import checks
-from kvlab.kernels.paged_attention import LOG2E, check_block_tables, check_launchable
+from kvlab.kernels.paged_attention import (
+    KERNEL_DTYPES, LOG2E, REFERENCE_DTYPES, check_block_tables, check_launchable, check_out, check_paged_tensors,
+    check_scale, dot_constexprs, load_kv_tile, online_softmax_step,
+)
 
 import triton  # noqa: E402,I001  (kvlab.kernels has set TRITON_INTERPRET=1 first where there is no GPU)
 import triton.language as tl  # noqa: E402
@@ -49,11 +51,16 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                 block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
                                 scale: float | None = None) -> torch.Tensor:
     """Row by row: gather the row's keys and values through its block table, build the lower-right
-    causal mask, softmax in fp32. Slow and plain: what the kernel must equal."""
-    check_prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
-    num_heads, head_dim = q.shape[1:]
+    causal mask, softmax in fp32. Slow and plain: what the kernel must equal.
+
+    Checks everything the kernel's public function checks (`check_prefill_attention`, then
+    `check_prefill_lengths`), except what only Triton needs: float64 is allowed, strides are free.
+    """
+    scale = check_prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale,
+                                    dtypes=REFERENCE_DTYPES)
+    check_prefill_lengths(q, k_cache, block_tables, query_start, context_lens)
+    num_heads = q.shape[1]
     block_size, num_kv_heads = k_cache.shape[1:3]
-    scale = head_dim ** -0.5 if scale is None else scale
     out = torch.zeros_like(q)
     starts = query_start.tolist()
     for r, context in enumerate(context_lens.tolist()):
@@ -72,70 +79,75 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
-def check_prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale=None) -> None:
-    """Every argument, with what is allowed; values too (one device-to-host copy)."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("query_start", query_start), ("context_lens", context_lens)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"q must be (num_tokens, num_heads, head_dim) and k_cache, v_cache equal (num_blocks, "
-                         f"block_size, num_kv_heads, head_dim); got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
-                         f"{tuple(v_cache.shape)}")
-    if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"q's head_dim ({q.shape[2]}) must equal the cache's ({k_cache.shape[3]}) and its "
-                         f"num_heads ({q.shape[1]}) be a multiple of num_kv_heads ({k_cache.shape[2]})")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (torch.float16, torch.bfloat16,
-                                                                          torch.float32):
-        raise TypeError(f"q, k_cache, v_cache must share one dtype of float16, bfloat16, float32; got "
-                        f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    num_rows = block_tables.shape[0] if block_tables.dim() == 2 else -1
-    if query_start.dtype != torch.int32 or context_lens.dtype != torch.int32 or block_tables.dtype != torch.int32:
-        raise TypeError("block_tables, query_start and context_lens must be int32")
-    if query_start.shape != (num_rows + 1,) or context_lens.shape != (num_rows,):
+# ----------------------------------------------------------------------------- the contract, checked
+# As for the decode kernel (kvlab.kernels.paged_attention): shapes, dtypes and devices first, with
+# no device-to-host copy, through the same shared checks; then the values (copies to the host).
+
+def check_prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale=None,
+                            dtypes: tuple = KERNEL_DTYPES) -> float:
+    """Check the arguments' types, shapes, dtypes and devices (no device-to-host copy) and return
+    the softmax scale to use (1 / sqrt(head_dim) when scale is None). Raises TypeError or
+    ValueError saying what is wrong and what is allowed."""
+    check_paged_tensors(dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                             query_start=query_start, context_lens=context_lens),
+                        dict(q=(3, "(num_tokens, num_heads, head_dim)"), block_tables=(2, "(num_rows, max_blocks)"),
+                             query_start=(1, "(num_rows + 1,)"), context_lens=(1, "(num_rows,)")), dtypes)
+    num_rows = block_tables.shape[0]
+    if query_start.shape[0] != num_rows + 1 or context_lens.shape[0] != num_rows:
         raise ValueError(f"for block_tables of {num_rows} rows, query_start must be ({num_rows + 1},) and "
                          f"context_lens ({num_rows},); got {tuple(query_start.shape)}, {tuple(context_lens.shape)}")
+    return check_scale(scale, q.shape[2])
+
+
+def check_prefill_lengths(q, k_cache, block_tables, query_start, context_lens) -> int:
+    """Check the values the kernel indexes with and return the longest chunk (max_query_len):
+    query_start rises from 0 to num_tokens, every context_lens[r] >= 0, and each row's keys
+    (context + chunk) fit its table row and name blocks of the cache (`check_block_tables`).
+    Device-to-host copies (syncs on a GPU)."""
     starts = query_start.tolist()
     if starts[0] != 0 or starts[-1] != q.shape[0] or any(b < a for a, b in zip(starts, starts[1:])):
-        raise ValueError(f"query_start must rise from 0 to num_tokens ({q.shape[0]}); got {starts}")
-    if (context_lens < 0).any():
-        raise ValueError(f"context_lens must be >= 0; got {context_lens.tolist()}")
-    seq_lens = context_lens + (query_start[1:] - query_start[:-1])
-    check_block_tables(block_tables, seq_lens.to(torch.int32), k_cache.shape[0], k_cache.shape[1])
-    if scale is not None:
-        checks.in_range("scale", scale, 0, math.inf, "a positive finite number or None", low_open=True,
-                        high_open=True)
+        raise ValueError(f"query_start must rise from 0 to num_tokens ({q.shape[0]}), row r's queries being "
+                         f"q[query_start[r]:query_start[r + 1]]; got {checks.brief(starts)}")
+    chunks = query_start[1:] - query_start[:-1]                                      # (R,) queries per row
+    if context_lens.numel() and int(context_lens.min()) < 0:
+        r = int(torch.nonzero(context_lens < 0)[0, 0])
+        raise ValueError(f"context_lens[{r}] = {int(context_lens[r])}: context_lens must be >= 0 "
+                         f"(keys cached before the chunk)")
+    check_block_tables(block_tables, (context_lens + chunks).to(torch.int32), k_cache.shape[0], k_cache.shape[1])
+    return int(chunks.max()) if chunks.numel() else 0
 
 
 # ----------------------------------------------------------------------------- the kernel
 # One program: BLOCK_M queries of one row, one query head. It walks the row's keys BLOCK_N at a
-# time up to the causal limit of its last query, online softmax as in the decode kernel.
+# time up to the causal limit of its last query, with the decode kernel's two steps
+# (kvlab.kernels.paged_attention): `load_kv_tile` through the block table, then
+# `online_softmax_step` with the causal mask as what each query may see.
 
 @triton.jit
 def _prefill_attention_kernel(
-    q_ptr,             # (num_tokens, num_heads, head_dim)
-    k_cache_ptr,       # (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
-    v_cache_ptr,
-    block_tables_ptr,  # int32 (num_rows, max_blocks)
-    query_start_ptr,   # int32 (num_rows + 1,)
-    context_lens_ptr,  # int32 (num_rows,)
-    out_ptr,           # (num_tokens, num_heads, head_dim)
-    qk_scale,          # scale * log2(e)
-    max_tokens,        # max_blocks * BLOCK_SIZE: what a table row covers
-    num_blocks,        # blocks in the pool
-    stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_bts,
-    stride_ot, stride_oh,
+    q_ptr,             # (num_tokens, num_heads, head_dim) the chunks' queries
+    k_cache_ptr,       # (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim) keys, paged (the chunk's own included)
+    v_cache_ptr,       # (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim) values, paged
+    block_tables_ptr,  # int32 (num_rows, max_blocks) physical block of each logical block
+    query_start_ptr,   # int32 (num_rows + 1,) row r's queries are q[query_start[r]:query_start[r + 1]]
+    context_lens_ptr,  # int32 (num_rows,) keys cached before each row's chunk
+    out_ptr,           # (num_tokens, num_heads, head_dim) output
+    qk_scale,          # float: scale * log2(e), so that exp2 gives exp
+    max_tokens,        # int: max_blocks * BLOCK_SIZE, what a block table row covers
+    num_blocks,        # int: blocks in the pool
+    stride_qt, stride_qh,                 # q strides: token, head (head_dim stride is 1)
+    stride_kb, stride_ks, stride_kh,      # k_cache strides: block, slot, head
+    stride_vb, stride_vs, stride_vh,      # v_cache strides: block, slot, head
+    stride_bts,                           # block_tables row stride
+    stride_ot, stride_oh,                 # out strides: token, head
     GROUP: tl.constexpr,       # query heads per KV head
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,    # head_dim
     D_PAD: tl.constexpr,       # head_dim rounded up to a power of two >= 16
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,      # fp32 before tl.dot (the CPU interpreter needs it for bf16)
-    IEEE: tl.constexpr,        # fp32 inputs: exact fp32 dot instead of tf32
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_M: tl.constexpr,     # queries per program
+    BLOCK_N: tl.constexpr,     # keys per loop iteration
+    UPCAST: tl.constexpr,      # q, K, V in fp32 before tl.dot (dot_constexprs: the CPU interpreter's bf16)
+    IEEE: tl.constexpr,        # full-precision fp32 dots, not TF32 (dot_constexprs: fp32 caches)
 ):
     row = tl.program_id(0)
     tile = tl.program_id(1)
@@ -156,58 +168,52 @@ def _prefill_attention_kernel(
             q = q.to(tl.float32)
         query_pos = context + offs_m                         # (BLOCK_M,) positions in the sequence
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of 2^(score - m_i)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)         # running sum of 2^(score - m_i) * v
         end = tl.minimum(context + tl.minimum((tile + 1) * BLOCK_M, q_len), max_tokens)   # the tile's causal limit
         bt_row = block_tables_ptr + row * stride_bts
         for n0 in range(0, end, BLOCK_N):
-            tok = n0 + offs_n
+            tok = n0 + offs_n                                # (BLOCK_N,) logical key positions
             mask_n = tok < end
-            block = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-            slot = tok % BLOCK_SIZE
-            in_pool = (block >= 0) & (block < num_blocks)    # by contract always; never read outside the pool
-            mask_kv = (mask_n & in_pool)[:, None] & mask_d[None, :]
-            k = tl.load(k_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
-                        + kv_head * stride_kh + offs_d[None, :], mask=mask_kv, other=0.0)   # (BLOCK_N, D_PAD)
-            v = tl.load(v_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
-                        + kv_head * stride_vh + offs_d[None, :], mask=mask_kv, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, tok, mask_n, kv_head, offs_d, mask_d, num_blocks,
+                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE, UPCAST)
             visible = mask_n[None, :] & (tok[None, :] <= query_pos[:, None])          # causal, lower right
-            s = tl.where(visible, s * qk_scale, float("-inf"))                         # (BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))       # finite: key 0 is in the first tile
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        out = acc / l_i[:, None]
+            m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE)
+        out = acc / l_i[:, None]                             # l_i > 0: every query sees key 0
         tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
+# ----------------------------------------------------------------------------- launchers
+
 def prefill_attention_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
                              max_query_len: int, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """Launch the kernel with no checks and no host sync; returns `out`. The caller (the engine)
-    guarantees what `prefill_attention` checks, and passes max_query_len, the longest chunk
-    (it sizes the grid: the host knows it, the device would need a sync to tell)."""
+    """Launch the kernel with no checks at all (no host sync: CUDA-graph capturable); returns
+    `out`. For callers that built the metadata themselves, such as the engine.
+
+    The caller guarantees what `prefill_attention` would otherwise check:
+      - q (num_tokens, num_heads, head_dim); k_cache, v_cache (num_blocks, block_size,
+        num_kv_heads, head_dim), equal shapes; num_heads a multiple of num_kv_heads;
+        head_dim in 1..256; q, k_cache, v_cache one dtype of float16, bfloat16, float32;
+      - block_tables int32 (num_rows, max_blocks), query_start int32 (num_rows + 1,) rising
+        from 0 to num_tokens, context_lens int32 (num_rows,) >= 0;
+      - each row's keys, context_lens[r] + its chunk, at most max_blocks * block_size, and the
+        table entries they read block ids in 0..num_blocks - 1;
+      - max_query_len the longest chunk (it sizes the grid: the host knows it, the device would
+        need a sync to tell);
+      - scale a positive finite float; out (num_tokens, num_heads, head_dim), q's dtype;
+      - all tensors on one CUDA device (or the CPU under TRITON_INTERPRET=1), each with
+        unit stride in its last dimension.
+    Broken, the result is undefined, but the kernel still reads nothing outside the block
+    table row or the cache pool (lengths are clamped to the table, bad block ids are masked).
+    """
     num_rows = context_lens.shape[0]
     if num_rows == 0 or q.shape[0] == 0:
         return out
     num_heads, head_dim = q.shape[1:]
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (num_rows, triton.cdiv(max_query_len, BLOCK_M), num_heads)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start, context_lens, out,
@@ -219,8 +225,7 @@ def prefill_attention_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        UPCAST=interpret or q.dtype == torch.float32, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        **dot_constexprs(q.dtype, os.environ.get("TRITON_INTERPRET") == "1"), num_warps=4,
     )
     return out
 
@@ -228,16 +233,19 @@ def prefill_attention_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_start: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
                       *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Prefill attention with the Triton kernel, every argument checked (see the module docstring)."""
-    check_prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be like q, {tuple(q.shape)} {q.dtype} on {q.device}, unit stride in its last "
-                         f"dimension; got {tuple(out.shape)} {out.dtype} on {out.device}")
+    """Prefill attention with the Triton kernel (same contract as `prefill_attention_reference`):
+    every argument checked, then `prefill_attention_launch`.
+
+    out: where to write the result (num_tokens, num_heads, head_dim), q's dtype and device;
+        None allocates it.
+
+    The value checks read query_start, context_lens and block_tables on the host (syncs on a
+    GPU); a hot loop that built its own metadata (the engine) calls `prefill_attention_launch`.
+    """
+    scale = check_prefill_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
     check_launchable(dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, query_start=query_start,
-                          context_lens=context_lens, out=out))
-    max_query_len = int((query_start[1:] - query_start[:-1]).max()) if context_lens.numel() else 0
-    scale = q.shape[2] ** -0.5 if scale is None else scale
-    return prefill_attention_launch(q, k_cache, v_cache, block_tables.contiguous(), query_start, context_lens,
-                                    max_query_len, scale, out)
+                          context_lens=context_lens))
+    out = check_out(out, q)                              # (T, Hq, D)
+    max_query_len = check_prefill_lengths(q, k_cache, block_tables, query_start, context_lens)
+    return prefill_attention_launch(q, k_cache, v_cache, block_tables, query_start, context_lens, max_query_len,
+                                    scale, out)
