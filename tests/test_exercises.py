@@ -284,6 +284,108 @@ def _shares_without_first_token(policy, P, O, M, b):
     return {key: value / sum(totals.values()) for key, value in totals.items()}
 
 
+def _slots_contiguous(table, positions, bs):
+    return [table[0] * bs + p for p in positions]
+
+
+def _slots_no_multiply(table, positions, bs):
+    return [table[p // bs] + p % bs for p in positions]
+
+
+def _hashes_unchained(tokens, bs):
+    from kvlab.paged import block_hash
+    return [block_hash(-1, tokens[i * bs:(i + 1) * bs]) for i in range(len(tokens) // bs)]
+
+
+def _hashes_with_partial_block(tokens, bs):
+    from kvlab.paged import block_hash
+    out, prev = [], -1
+    for i in range(-(-len(tokens) // bs)):
+        prev = block_hash(prev, tokens[i * bs:(i + 1) * bs])
+        out.append(prev)
+    return out
+
+
+def _cached_with_last_block(computed, prompt, bs):
+    names = {h for p in computed for h in _sol("05").prefix_block_hashes(p, bs)}
+    hits = 0
+    for h in _sol("05").prefix_block_hashes(prompt, bs):          # len // bs: the last token's block included
+        if h not in names:
+            break
+        hits += 1
+    return hits * bs
+
+
+def _cached_longest_common_prefix(computed, prompt, bs):
+    best = 0
+    for p in computed:
+        n = 0
+        while n < min(len(p), len(prompt)) and p[n] == prompt[n]:
+            n += 1
+        best = max(best, n)
+    return best
+
+
+def _cached_unchained(computed, prompt, bs):
+    names = {h for p in computed for h in _hashes_unchained(p, bs)}
+    hits = 0
+    for h in _hashes_unchained(prompt, bs)[: (len(prompt) - 1) // bs]:
+        if h not in names:
+            break
+        hits += 1
+    return hits * bs
+
+
+def _allocator(**changes):
+    """The solution's Allocator with one method replaced: a learner's single mistake."""
+    return type("WrongAllocator", (_sol("05").Allocator,), changes)
+
+
+def _append_late(self, sid):
+    table, n = self.tables[sid], self.lengths[sid]
+    if (n + 1) % self.block_size == 0:                           # checks the length after the append
+        table.append(self._take())
+    elif self.refs[table[-1]] > 1:
+        new = self._take()
+        self.refs[table[-1]] -= 1
+        self.copies.append((table[-1], new))
+        table[-1] = new
+    self.lengths[sid] = n + 1
+    return table[-1] * self.block_size + n % self.block_size
+
+
+def _append_no_cow(self, sid):
+    table, n = self.tables[sid], self.lengths[sid]
+    if n % self.block_size == 0:
+        if not self.free_queue:
+            raise MemoryError
+        table.append(self._take())
+    self.lengths[sid] = n + 1
+    return table[-1] * self.block_size + n % self.block_size
+
+
+def _free_first_block_first(self, sid):
+    for block in self.tables.pop(sid):
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free_queue.append(block)
+    del self.lengths[sid]
+
+
+def _fork_without_refs(self, parent, child):
+    self.tables[child], self.lengths[child] = list(self.tables[parent]), self.lengths[parent]
+    return list(self.tables[child])
+
+
+def _allocate_partially(self, sid, n):
+    self.tables[sid], self.lengths[sid] = [], n
+    for _ in range(-(-n // self.block_size)):
+        if not self.free_queue:
+            raise MemoryError("out of blocks, half-way")
+        self.tables[sid].append(self._take())
+    return list(self.tables[sid])
+
+
 WRONG = [
     ("01.1", "no causal mask", _head_no_mask, "no causal mask"),
     ("01.1", "the upper triangle masked in", _head_future, "wrong triangle"),
@@ -316,6 +418,20 @@ WRONG = [
      "never filled"),
     ("04.3", "mean of per-step fractions", _shares_mean_of_fractions, "averaged each step's fractions"),
     ("04.3", "tokens without the first output token", _shares_without_first_token, "first output token"),
+    ("05.1", "contiguous from the first block", _slots_contiguous, "contiguous"),
+    ("05.1", "block id not multiplied by block_size", _slots_no_multiply, "multiply by block_size"),
+    ("05.2", "each block hashed alone (not chained)", _hashes_unchained, "Chain the hashes"),
+    ("05.2", "the partial last block hashed too", _hashes_with_partial_block, "Only full blocks"),
+    ("05.3", "the last token's block counted as a hit", _cached_with_last_block, "never a hit"),
+    ("05.3", "matching tokens instead of whole blocks", _cached_longest_common_prefix, "whole blocks"),
+    ("05.3", "equal blocks matched without the chain", _cached_unchained, "follow the chain"),
+    ("05.4", "a new block one append early (off by one)", _allocator(append=_append_late), "Off by one"),
+    ("05.4", "no copy-on-write", _allocator(append=_append_no_cow), "Copy-on-write"),
+    ("05.4", "freed blocks returned first block first", _allocator(free=_free_first_block_first),
+     "last block first"),
+    ("05.4", "fork without reference counts", _allocator(fork=_fork_without_refs), "reference count"),
+    ("05.4", "an allocation that does not fit takes blocks anyway", _allocator(allocate=_allocate_partially),
+     "changed its state anyway"),
 ]
 
 
