@@ -37,11 +37,11 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from kvlab.bench import results
 from kvlab.kernels import paged_attention_reference, store_kv, store_kv_launch, store_kv_reference
 from kvlab.kernels.paged_attention import KernelConfig
 
@@ -444,15 +444,9 @@ def time_store_kv(num_tokens=256, shape=DecodeShape(64, 4096)) -> dict:
 
 # --------------------------------------------------------------------------- reading results
 
-RESULTS = Path(__file__).resolve().parents[2] / "data" / "bench" / "paged_attention_h100.json"
+RESULTS = "paged_attention_h100.json"       # the committed H100 run: kvlab.bench.results.load(RESULTS)
 LABELS = {"triton": "Triton paged kernel", "gather_sdpa": "gather + SDPA (torch on a paged cache)",
           "sdpa_contiguous": "SDPA on a contiguous cache (no paging)"}
-
-
-def load_results(path: str | Path = RESULTS) -> dict:
-    """A benchmark JSON (default: the committed H100 run)."""
-    with open(path) as f:
-        return json.load(f)
 
 
 def bandwidth_rows(result: dict, key: str = "graph_gbps") -> list[dict]:
@@ -565,7 +559,7 @@ def main(argv=None):
         sm_count=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, python=platform.python_version(),
         default_config=asdict(pa.DEFAULT_CONFIG), explore=args.explore,
-        commit=os.environ.get("KVLAB_COMMIT"),
+        commit=os.environ.get("KVLAB_COMMIT") or results.git_commit(),
         method=("GB/s = K/V bytes read per call / time. 'gbps': eager, median of triton.testing.do_bench "
                 "(L2 flushed before each call; host launch overhead shows where it exceeds GPU time). "
                 "'graph_gbps': GPU time, calls captured in a CUDA graph over rotated input sets. "
