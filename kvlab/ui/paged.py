@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
 from kvlab.paged.block_allocator import BlockAllocator
+from kvlab.ui.figures import error_html
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
            "#ccb974", "#64b5cd"]
@@ -367,8 +368,7 @@ class AllocatorStepper:
             nxt = f"<br>next: <code>{html.escape(repr(self.ops[step]))}</code>" if step < len(self.ops) else ""
             text = f"<b>{html.escape(lines[-1]) if lines else 'empty pool'}</b>{nxt}"
             if self.error:
-                text += (f"<div class='kvlab-message kvlab-error' style='color:#b00020'>⚠ {html.escape(self.error)}"
-                         f"; the pool stays at step {step}</div>")
+                text += error_html(f"{self.error}; the pool stays at step {step}")
             self.log.value = text
             with self.out:
                 self.out.clear_output(wait=True)
@@ -379,8 +379,7 @@ class AllocatorStepper:
         except Exception as err:        # noqa: BLE001  (a bug: shown, never raised out of a callback)
             self.error = f"internal error ({type(err).__name__}: {err})"
             self.shown_step = None
-            self.log.value = (f"<div class='kvlab-message kvlab-error' style='color:#b00020'>⚠ "
-                              f"{html.escape(self.error)}</div>")
+            self.log.value = error_html(self.error)
             self.out.clear_output()
 
     def _ipython_display_(self):
