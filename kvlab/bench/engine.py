@@ -12,42 +12,51 @@ Every system serves the same requests, all submitted at time 0, greedy, ignoring
                        until the longest is done
     hf_static_compile  the same with a static cache, which makes transformers torch.compile the
                        forward pass (GPU only; the first run compiles)
-    hf_continuous      transformers' own continuous batching manager (paged attention), GPU only
+    hf_continuous      transformers' own continuous batching manager (model.init_continuous_batching:
+                       a paged cache, one flattened batch per step; see HFContinuous)
     kvlab              kvlab.LLM: continuous batching on the paged cache, Triton decode kernel,
                        CUDA graphs (GPU)
 
-Each system runs twice; the second run is measured (warm), the first run's time, plus model
-set-up for kvlab (KV sizing, CUDA graph capture), is reported as its warm-up. Reported per
-system: generated tokens per second (counted tokens / wall time), TTFT and TPOT percentiles
-(per request: first token time minus submission; mean time between its later tokens), and
-the ratios against every HF baseline. Workloads (prompts are random token ids on the GPU, where
-the model has random weights; real text on the CPU):
+Method, the same for every system and every request count: a system is set up once (kvlab's
+engine, HF's continuous-batching manager: KV sizing, CUDA graphs, cache allocation), warms up on
+the very requests it is then timed on (same shapes, so no first-time costs fall in the timed
+run; one at a time and threads warm up on 2 requests, a full run takes minutes), then runs
+`rounds` timed runs; the fastest counts (other work on the machine can only add time) and every
+round's wall time is kept. Set-up and warm-up are reported apart. Per system: generated tokens per
+second (counted tokens / wall time), TTFT and TPOT percentiles (per request: first token time minus
+submission; mean time between its later tokens), and the ratios against every HF baseline.
+Workloads (prompts are random token ids on the GPU, where the model has random weights; real
+text on the CPU):
 
     A  GPU  64 requests, prompts uniform in 16..512 tokens, 128 new tokens each, bf16
     C  GPU  256 requests, prompts 16..512, new tokens uniform in 16..512 (mixed: static batching
             waits for its longest request), bf16
     B  CPU  16 requests, prompts 16..256 tokens of real text, 64 new tokens, fp32, the real model
 
-On a GPU it also measures kvlab's decode step at batch 64 and 256 (context about 500)
-against its bandwidth bound, (weight bytes + K/V bytes read) / measured copy bandwidth, and
-profiles one eager decode step to say where the rest of the time goes.
+--concurrency N...: kvlab and HF's padded batch on the first N requests of workload A's kind, by
+the same method (HF runs with no kvlab engine holding memory beside it). On a GPU,
+--decode-analysis measures kvlab's decode step at batch 64 and 256 (context about 500) against
+its bandwidth bound, (weight bytes + K/V bytes read) / measured copy bandwidth, and profiles one
+eager decode step to say where the rest of the time goes. --hf-continuous-breakdown says where
+transformers' continuous batching spends its time (set-up, scheduling and inputs, attention, the
+rest of the forward pass) and how much attention work it does against what the requests need.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
+import itertools
+import math
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from kvlab.bench import results
 
 WORKLOADS = {
     "A": dict(num_requests=64, prompt_range=(16, 512), new_range=(128, 128), device="cuda"),
@@ -62,12 +71,13 @@ CPU_SYSTEMS = ["kvlab", "hf_padded", "hf_one_at_a_time", "hf_threads"]
 class Run:
     system: str
     tokens: int                              # generated tokens the requests asked for
-    wall: float                              # seconds, all requests
-    warmup: float                            # seconds of the first run (+ set-up), not measured
-    ttft: list[float] = field(repr=False)    # per request, seconds from submission
+    wall: float                              # seconds, all requests: the fastest timed round
+    warmup: float                            # seconds of set-up and the warm-up run, not measured
+    ttft: list[float] = field(repr=False)    # per request, seconds from submission (fastest round)
     tpot: list[float] = field(repr=False)    # per request, seconds per token after the first
     num_requests: int = 0
     note: str = ""
+    walls: list[float] = field(default_factory=list)    # every timed round, in order
 
     @property
     def tokens_per_s(self) -> float:
@@ -77,6 +87,7 @@ class Run:
         pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
         return dict(system=self.system, num_requests=self.num_requests, tokens=self.tokens,
                     wall_s=self.wall, tokens_per_s=self.tokens_per_s, warmup_s=self.warmup,
+                    rounds_wall_s=self.walls or [self.wall],
                     ttft_s={f"p{q}": pct(self.ttft, q) for q in (50, 90, 99)},
                     tpot_s={f"p{q}": pct(self.tpot, q) for q in (50, 90, 99)}, note=self.note)
 
@@ -215,54 +226,152 @@ def hf_static_batches(lm, requests, batch_size: int) -> tuple[list, list]:
     return ttft, tpot
 
 
-def hf_continuous(lm, requests) -> tuple[list, list]:
-    """transformers' continuous batching manager, one request per prompt with its own length."""
-    from transformers import GenerationConfig
+class HFContinuous:
+    """transformers' continuous batching manager (`model.init_continuous_batching`), started once.
 
-    gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
-    model = lm.hf_model
-    before = getattr(model.config, "_attn_implementation", None)
-    manager, errors = None, []
-    for impl in (None, "paged|sdpa", "sdpa_paged"):    # newer transformers switch by themselves
-        try:
-            if impl is not None:
-                model.set_attn_implementation(impl)
-            manager = model.init_continuous_batching(generation_config=gc)
-            break
-        except Exception as e:                          # noqa: BLE001
-            errors.append(f"{impl}: {type(e).__name__}: {e}")
-    if manager is None:
-        raise RuntimeError("transformers' continuous batching did not start: " + " | ".join(errors))
-    finished = lambda r: r.is_finished() if hasattr(r, "is_finished") else str(r.status).upper().endswith("FINISHED")
-    manager.start()
-    try:
+    What it does: a background thread runs a loop like kvlab's engine. Each step its FIFO scheduler
+    picks requests under a token budget (`max_batch_tokens`; a long prompt is split across steps),
+    flattens their new tokens into one row (`input_ids` of shape (1, total tokens)), writes their K/V
+    into a paged cache (pages of `page_size` = 256 tokens) and runs the model once; the sampled
+    tokens go back to each request. With FlashAttention installed it reads the cache through a
+    block table (varlen kernels). With SDPA (what a plain `pip install transformers` has, and what
+    ran here) it gathers every scheduled request's cached K/V into one (1, heads, total keys, dim)
+    tensor and builds a dense (total queries x total keys) mask that lets each query see only its own
+    request: the attention computes every query against every request's keys and masks most of it
+    away, work that grows with (batch size)^2 x context where kvlab's kernels do batch x context.
+
+    Set-up (timed apart, as kvlab's engine set-up is): the manager allocates its whole paged cache
+    and, for SDPA, a mask buffer of max_batch_tokens x (cache tokens + max_batch_tokens), both filled
+    once. By default transformers sizes the cache from the free memory (on this 2-core CPU: 7.7 GB
+    of cache and a 1.4-billion-entry mask, 23 s to fill); here the cache is sized to the requests
+    (`num_blocks`), the most favourable setting for HF. Prefix sharing is off (the same requests run
+    twice; kvlab runs with its prefix cache off too)."""
+
+    def __init__(self, lm, requests, max_batch_tokens: int):
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        self.model = lm.hf_model
+        self._before = getattr(self.model.config, "_attn_implementation", None)
+        page = 256
+        pages = sum(math.ceil((len(p) + n) / page) for p, n in requests)
+        self.config = ContinuousBatchingConfig(num_blocks=pages + 8, max_batch_tokens=max_batch_tokens,
+                                               allow_block_sharing=False)
+        gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        t0 = time.perf_counter()
+        self.manager = self.model.init_continuous_batching(generation_config=gc,
+                                                           continuous_batching_config=self.config)
+        self.manager.start()
+        self._runs = 0
+        self(requests[:1])                        # the loop creates its cache and mask buffer on its first request
+        self.setup_s = time.perf_counter() - t0
+
+    def __call__(self, requests) -> tuple[list, list]:
+        """Submit every request at once; TTFT and TPOT from the manager's own per-token timestamps."""
+        self._runs += 1
         start = time.perf_counter()
-        ids = [manager.add_request(p, request_id=f"r{i}", max_new_tokens=n) for i, (p, n) in
-               enumerate(requests)]
-        first: dict[str, float] = {}
-        done: dict[str, float] = {}
+        ids = []
+        for i, (p, n) in enumerate(requests):
+            rid = f"run{self._runs}-r{i}"
+            self.manager.add_request(p, request_id=rid, max_new_tokens=n, record_timestamps=True)
+            ids.append(rid)
+        outs: dict[str, object] = {}
         deadline = start + 3600
-        while len(done) < len(ids) and time.perf_counter() < deadline:
-            result = manager.get_result(timeout=1)
-            if result is None:
-                continue
-            now = time.perf_counter()
-            first.setdefault(result.request_id, now)
-            if finished(result):
-                done[result.request_id] = now
-                first[result.request_id] = min(first[result.request_id], now)
+        while len(outs) < len(ids) and time.perf_counter() < deadline:
+            r = self.manager.get_result(timeout=1)
+            if r is not None and r.is_finished():
+                outs[r.request_id] = r
+        if len(outs) < len(ids):
+            raise RuntimeError(f"transformers' continuous batching finished {len(outs)} of {len(ids)} requests")
+        ttft, tpot = [], []
+        for rid, (_, n) in zip(ids, requests):
+            r = outs[rid]
+            if r.error or len(r.generated_tokens) != n:
+                raise RuntimeError(f"request {rid}: {r.error or f'{len(r.generated_tokens)} tokens, asked {n}'}")
+            stamps = r.timestamps or [time.perf_counter()] * n
+            ttft.append(stamps[0] - start)
+            tpot.append((stamps[-1] - stamps[0]) / (n - 1) if n > 1 else 0.0)
+        return ttft, tpot
+
+    def close(self) -> None:
+        self.manager.stop(block=True)
+        destroy = getattr(self.model, "destroy_cached_continuous_batching_manager", None)
+        if destroy is not None:
+            destroy()
+        if self._before is not None and getattr(self.model.config, "_attn_implementation", None) != self._before:
+            self.model.set_attn_implementation(self._before)     # the other HF systems use their usual attention
+
+
+def hf_continuous_breakdown(lm, requests, max_batch_tokens: int = 1024) -> dict:
+    """Where transformers' continuous batching spends its time, measured with timers around its own stages
+    (CPU: the timers are exact; a GPU would need a synchronisation in each):
+
+        setup          the manager: its paged cache and (SDPA) mask buffer, allocated and filled once
+        prepare        per step, scheduling and building the inputs (the mask included) on the host
+        attention      per step, the SDPA calls of all layers
+        forward_rest   per step, the rest of the forward pass and sampling
+        update         per step, handing the sampled tokens to the requests
+
+    and, per step, the attention work: SDPA's (queries x keys) against the sum over requests of
+    (own queries x own keys), what a varlen or paged kernel computes (kvlab's)."""
+    from transformers.generation.continuous_batching import continuous_api
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    timers = dict(prepare=0.0, step=0.0, attention=0.0, update=0.0)
+    work = dict(steps=0, computed=0, needed=0, queries=0)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    processor = continuous_api.ContinuousBatchProcessor
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timers[name] += time.perf_counter() - t0
+        return wrapper
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        t0 = time.perf_counter()
+        out = sdpa(module, query, key, value, attention_mask, **kwargs)
+        timers["attention"] += time.perf_counter() - t0
+        if getattr(module, "layer_idx", 0) == 0:                  # count the work once per step (layer 0)
+            q = torch.diff(kwargs["cu_seq_lens_q"]).tolist()
+            k = torch.diff(kwargs["cu_seq_lens_k"]).tolist()
+            work["steps"] += 1
+            work["queries"] += query.shape[-2]
+            work["computed"] += query.shape[-2] * key.shape[-2]
+            work["needed"] += sum(a * b for a, b in zip(q, k))
+        return out
+
+    saved = {name: getattr(processor, name) for name in ("prepare_next_batch", "_generation_step", "update_batch")}
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention
+    processor.prepare_next_batch = timed("prepare", saved["prepare_next_batch"])
+    processor._generation_step = timed("step", saved["_generation_step"])
+    processor.update_batch = timed("update", saved["update_batch"])
+    try:
+        system = HFContinuous(lm, requests, max_batch_tokens)
+        setup = system.setup_s
+        system(requests)                                           # warm-up
+        for k in timers:
+            timers[k] = 0.0
+        work.update(steps=0, computed=0, needed=0, queries=0)
+        t0 = time.perf_counter()
+        ttft, tpot = system(requests)
+        wall = time.perf_counter() - t0
+        system.close()
     finally:
-        manager.stop(block=True)
-        if before is not None and getattr(model.config, "_attn_implementation", None) != before:
-            model.set_attn_implementation(before)           # the other HF systems use their usual attention
-    if len(done) < len(ids):
-        raise RuntimeError(f"transformers' continuous batching finished {len(done)} of {len(ids)} requests")
-    ttft, tpot = [], []
-    for rid, (_, new) in zip(ids, requests):
-        ttft.append(first[rid] - start)
-        tpot.append((done[rid] - first[rid]) / max(new - 1, 1))
-    return ttft, tpot
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+        for name, fn in saved.items():
+            setattr(processor, name, fn)
+    tokens = sum(n for _, n in requests)
+    return dict(requests=len(requests), tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall, setup_s=setup,
+                prepare_s=timers["prepare"], attention_s=timers["attention"],
+                forward_rest_s=timers["step"] - timers["attention"], update_s=timers["update"],
+                steps=work["steps"], attention_work_computed=work["computed"], attention_work_needed=work["needed"],
+                ttft_p50_s=float(np.median(ttft)), tpot_p50_s=float(np.median(tpot)),
+                max_batch_tokens=max_batch_tokens, num_blocks=system.config.num_blocks,
+                attn_implementation=system._before)
 
 
 # ---------------------------------------------------------------------------- kvlab
@@ -287,23 +396,57 @@ def make_kvlab(lm, requests, device: str):
 
 # ---------------------------------------------------------------------------- running
 
-def measure(name: str, fn, requests, warmup_extra: float = 0.0, warm_subset: int | None = None) -> Run:
-    """Run twice (or warm up on a subset), time the second run."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    t0 = time.perf_counter()
-    fn(requests[:warm_subset] if warm_subset else requests)
-    sync()
-    warm = time.perf_counter() - t0 + warmup_extra
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn, requests) -> tuple[float, list, list]:
+    _sync()
     t0 = time.perf_counter()
     ttft, tpot = fn(requests)
-    sync()
-    wall = time.perf_counter() - t0
-    return Run(name, sum(n for _, n in requests), wall, warm, ttft, tpot, len(requests),
-               note=f"warm-up on the first {warm_subset} requests" if warm_subset else "warm-up: a full first run")
+    _sync()
+    return time.perf_counter() - t0, ttft, tpot
+
+
+def measure(name: str, fn, requests, warmup_extra: float = 0.0, warm_subset: int | None = None,
+            rounds: int = 1) -> Run:
+    """Warm up on the same requests (or on the first `warm_subset`, for systems whose full run takes
+    minutes), then time `rounds` runs; the fastest counts. warmup_extra: set-up seconds to report with
+    the warm-up (an engine built before the first run)."""
+    warm, _, _ = _timed(fn, requests[:warm_subset] if warm_subset else requests)
+    timed = [_timed(fn, requests) for _ in range(rounds)]
+    wall, ttft, tpot = min(timed, key=lambda t: t[0])
+    note = f"warm-up on the first {warm_subset} requests" if warm_subset else "warm-up: the same requests"
+    return Run(name, sum(n for _, n in requests), wall, warm + warmup_extra, ttft, tpot, len(requests),
+               note=note + (f"; fastest of {rounds} timed runs" if rounds > 1 else ""), walls=[t[0] for t in timed])
+
+
+def race(systems: dict, requests, rounds: int = 2, warm_subset: int | None = 2, progress: bool = True) -> dict:
+    """The race in notebook 07: every system warms up once (on the first `warm_subset` requests), then the
+    systems take turns, `rounds` timed runs each, so that a burst of other work on a shared machine hits
+    them alike; each system's fastest run counts.
+
+    systems: name -> fn(requests) returning (TTFT list, TPOT list), e.g.
+        {"kvlab": lambda r: kvlab_run(llm, r), "hf_one_at_a_time": lambda r: hf_one_at_a_time(lm, r)}
+    Returns name -> Run.summary() (with every round's wall time in "rounds_wall_s")."""
+    from tqdm.auto import tqdm
+
+    warm = {name: _timed(fn, requests[:warm_subset] if warm_subset else requests)[0] for name, fn in systems.items()}
+    timed: dict[str, list] = {name: [] for name in systems}
+    for _, name in tqdm(list(itertools.product(range(rounds), systems)), desc="the race (rounds x systems)",
+                        disable=not progress):
+        timed[name].append(_timed(systems[name], requests))
+    out = {}
+    for name, runs in timed.items():
+        wall, ttft, tpot = min(runs, key=lambda t: t[0])
+        out[name] = Run(name, sum(n for _, n in requests), wall, warm[name], ttft, tpot, len(requests),
+                        note=f"fastest of {rounds} interleaved runs", walls=[t[0] for t in runs]).summary()
+    return out
 
 
 def run_workload(workload: str, systems: list[str], lm, subset_slow: int | None = None,
-                 num_requests: int | None = None, checkpoint=None) -> dict:
+                 num_requests: int | None = None, checkpoint=None, rounds: int = 1) -> dict:
     """num_requests: only the first N requests of the workload (smoke tests); checkpoint: called
     with the results so far after each system (a run cut short keeps what it measured)."""
     w = WORKLOADS[workload]
@@ -317,20 +460,29 @@ def run_workload(workload: str, systems: list[str], lm, subset_slow: int | None 
                 t0 = time.perf_counter()
                 llm = make_kvlab(lm, requests, w["device"])
                 setup = time.perf_counter() - t0
-                run = measure(system, lambda r: kvlab_run(llm, r), requests, warmup_extra=setup)
+                run = measure(system, lambda r: kvlab_run(llm, r), requests, warmup_extra=setup, rounds=rounds)
                 e = llm.engine
-                run.note = (f"set-up {setup:.1f} s (CUDA graphs {e.runner.graph_capture_time:.1f} s for "
-                            f"{len(e.runner.graphs)} batch sizes), KV pool {e.allocator.num_blocks} blocks")
+                run.note += (f"; set-up {setup:.1f} s (CUDA graphs {e.runner.graph_capture_time:.1f} s for "
+                             f"{len(e.runner.graphs)} batch sizes), KV pool {e.allocator.num_blocks} blocks")
                 runs[system] = run
-                runs[system].__dict__["engine_steps"] = _step_breakdown(e)
+                runs[system].__dict__["engine_steps"] = _step_breakdown(e, rounds)
                 del llm, e
                 _free_gpu_memory()
             elif system == "hf_padded":
-                runs[system] = measure(system, lambda r: hf_padded(lm, r), requests, warm_subset=8)
+                runs[system] = measure(system, lambda r: hf_padded(lm, r), requests, rounds=rounds)
             elif system == "hf_static_compile":
-                runs[system] = measure(system, lambda r: hf_padded(lm, r, static=True), requests)
+                runs[system] = measure(system, lambda r: hf_padded(lm, r, static=True), requests, rounds=rounds)
             elif system == "hf_continuous":
-                runs[system] = measure(system, lambda r: hf_continuous(lm, r), requests, warm_subset=8)
+                hf = HFContinuous(lm, requests, 8192 if w["device"] == "cuda" else 1024)
+                try:
+                    run = measure(system, hf, requests, warmup_extra=hf.setup_s, rounds=rounds)
+                finally:
+                    hf.close()
+                run.note += (f"; set-up {hf.setup_s:.1f} s (a paged cache of {hf.config.num_blocks} pages of 256 "
+                             f"tokens, sized to the requests), attention {hf._before}")
+                runs[system] = run
+                del hf
+                _free_gpu_memory()
             elif system in ("hf_one_at_a_time", "hf_threads"):
                 fn = hf_one_at_a_time if system == "hf_one_at_a_time" else hf_threads
                 reqs = requests[:subset_slow] if subset_slow else requests
@@ -372,11 +524,12 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _step_breakdown(engine) -> dict:
-    """Where kvlab's measured run spent its time, from the engine's per-step stats."""
+def _step_breakdown(engine, rounds: int = 1) -> dict:
+    """Where kvlab's last timed run spent its time, from the engine's per-step stats (every run, the warm-up
+    included, took the same steps: the same requests, greedy)."""
     steps = list(engine.stats)
-    n = len(steps) // 2                               # the second (measured) run's steps
-    steps = steps[n:] if n else steps
+    n = len(steps) // (rounds + 1)                   # the last run's steps
+    steps = steps[-n:] if n else steps
     graph = [s for s in steps if s.cuda_graph]
     total = lambda f, xs: float(sum(getattr(s, f) or 0.0 for s in xs))
     return dict(steps=len(steps), cuda_graph_steps=len(graph),
@@ -388,24 +541,32 @@ def _step_breakdown(engine) -> dict:
 
 # ---------------------------------------------------------------------------- concurrency
 
-def concurrency_sweep(lm, counts=(1, 4, 16, 64, 256), device: str = "cuda") -> dict:
-    """Tokens/s of kvlab and HF's padded batch at several request counts (workload A's shape:
-    prompts 16..512, 128 new tokens): the more requests at once, the bigger continuous
-    batching's win. One kvlab engine serves every count; each count runs twice, the second timed."""
+def concurrency_sweep(lm, counts=(1, 4, 16, 64, 256), device: str = "cuda", rounds: int = 1) -> dict:
+    """Tokens/s of HF's padded batch and kvlab at several request counts (workload A's kind: the first n of
+    its requests, repeated past 64; prompts 16..512, 128 new tokens), by `measure`: warm-up on the same
+    requests, the fastest of `rounds` timed runs. HF runs first, with no kvlab engine holding memory beside
+    it; then one kvlab engine serves every count."""
     rng_requests = make_requests("A", lm.spec.vocab_size)
     pool = (rng_requests * (max(counts) // len(rng_requests) + 1))[:max(counts)]
-    llm = make_kvlab(lm, pool, device)
-    out = {}
+    runs: dict[int, dict[str, Run]] = {n: {} for n in counts}
     for n in counts:
-        reqs = pool[:n]
-        k = measure("kvlab", lambda r: kvlab_run(llm, r), reqs)
-        h = measure("hf_padded", lambda r: hf_padded(lm, r), reqs, warm_subset=min(n, 4))
-        out[str(n)] = {"kvlab": k.tokens_per_s, "hf_padded": h.tokens_per_s, "ratio": k.tokens_per_s / h.tokens_per_s,
-                       "kvlab_tpot_p50_s": float(np.median(k.tpot)), "hf_padded_tpot_p50_s": float(np.median(h.tpot))}
-        print(f"[concurrency] {n:4d} requests: kvlab {k.tokens_per_s:,.0f} tok/s, HF padded {h.tokens_per_s:,.0f} "
-              f"tok/s ({out[str(n)]['ratio']:.1f}x)", flush=True)
+        runs[n]["hf_padded"] = measure("hf_padded", lambda r: hf_padded(lm, r), pool[:n], rounds=rounds)
+        print(f"[concurrency] {n:4d} requests: HF padded {runs[n]['hf_padded'].tokens_per_s:,.0f} tok/s", flush=True)
+    _free_gpu_memory()
+    llm = make_kvlab(lm, pool, device)
+    for n in counts:
+        runs[n]["kvlab"] = measure("kvlab", lambda r: kvlab_run(llm, r), pool[:n], rounds=rounds)
+        print(f"[concurrency] {n:4d} requests: kvlab {runs[n]['kvlab'].tokens_per_s:,.0f} tok/s", flush=True)
     del llm
     _free_gpu_memory()
+    out = {}
+    for n, r in runs.items():
+        k, h = r["kvlab"], r["hf_padded"]
+        out[str(n)] = {"kvlab": k.tokens_per_s, "hf_padded": h.tokens_per_s, "ratio": k.tokens_per_s / h.tokens_per_s}
+        for name, run in r.items():
+            out[str(n)].update({f"{name}_tpot_p50_s": float(np.median(run.tpot)),
+                                f"{name}_ttft_p50_s": float(np.median(run.ttft)),
+                                f"{name}_rounds_wall_s": run.walls})
     return out
 
 
@@ -496,71 +657,67 @@ def _profile_decode_step(llm, batch, context, rng) -> dict:
 
 # ---------------------------------------------------------------------------- main
 
-def environment() -> dict:
-    import transformers
-    import triton
+def load_benchmark_model(device: str):
+    """The model a workload runs: on a GPU SmolLM2-135M's shape with random weights in bf16, on the CPU the real
+    SmolLM2-135M-Instruct in fp32."""
+    if device == "cuda":
+        return smollm2_random("cuda", torch.bfloat16)
+    from kvlab.model.loading import load_model
 
-    env = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),
-               torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
-               machine=platform.machine(), processor=platform.processor(), cpu_threads=torch.get_num_threads())
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    try:
-        import subprocess
-
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           timeout=5).stdout.strip() or None
-    except Exception:                                   # noqa: BLE001
-        env["git_commit"] = None
-    return env
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kvlab bench engine", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=None,
-                        help="A and C on a GPU (default there), B on the CPU (default there)")
+    parser.add_argument("--workload", nargs="*", choices=sorted(WORKLOADS), default=None,
+                        help="A and C on a GPU (default there), B on the CPU (default there); none: skip workloads")
     parser.add_argument("--systems", nargs="+", default=None, help="subset of the systems (default: all that apply)")
     parser.add_argument("--subset-slow", type=int, default=None,
                         help="run one-at-a-time and threads on only the first N requests (GPU: time)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="timed runs per system after its warm-up; the fastest counts, all are recorded (1)")
     parser.add_argument("--decode-analysis", action="store_true", help="GPU: decode step vs its bandwidth bound")
     parser.add_argument("--concurrency", type=int, nargs="*", default=None,
                         help="also sweep these request counts, kvlab vs HF padded (e.g. 1 4 16 64 256)")
+    parser.add_argument("--hf-continuous-breakdown", type=int, default=None, metavar="N",
+                        help="CPU: where transformers' continuous batching spends its time, on the first N requests "
+                             "of workload B")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     cuda = torch.cuda.is_available()
-    workloads = args.workload or (["A", "C"] if cuda else ["B"])
-    result = {"environment": environment(), "method": __doc__, "workloads": {}}
+    device = "cuda" if cuda else "cpu"
+    workloads = args.workload if args.workload is not None else (["A", "C"] if cuda else ["B"])
+    result = {"environment": results.environment(), "method": __doc__, "workloads": {}}
+    save = lambda: results.save(result, args.out) if args.out else None
     for workload in workloads:
-        device = WORKLOADS[workload]["device"]
-        if device == "cuda" and not cuda:
-            parser.error(f"workload {workload} needs a CUDA GPU")
-        if device == "cuda":
-            lm = smollm2_random("cuda", torch.bfloat16)
-        else:
-            import kvlab
+        if WORKLOADS[workload]["device"] != device:
+            parser.error(f"workload {workload} runs on {WORKLOADS[workload]['device']}, this machine has {device}")
+    lm = load_benchmark_model(device)
+    for workload in workloads:
+        systems = args.systems or (GPU_SYSTEMS if cuda else CPU_SYSTEMS)
 
-            lm = kvlab.load_model("smollm2-135m", device="cpu", dtype="float32")
-        systems = args.systems or (GPU_SYSTEMS if device == "cuda" else CPU_SYSTEMS)
-        def checkpoint(partial, workload=workload):
+        def checkpoint(partial, workload=workload):          # keep what is done if a later system fails
             result["workloads"][workload] = partial
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(result, indent=1))
+            save()
 
-        result["workloads"][workload] = run_workload(workload, systems, lm, args.subset_slow, checkpoint=checkpoint)
+        result["workloads"][workload] = run_workload(workload, systems, lm, args.subset_slow, checkpoint=checkpoint,
+                                                     rounds=args.rounds)
         result["workloads"][workload]["model"] = lm.name
-        if args.out:                                  # keep what is done if a later workload fails
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
+        save()
     if args.concurrency:
-        lm = smollm2_random("cuda", torch.bfloat16) if cuda else __import__("kvlab").load_model("smollm2-135m")
-        result["concurrency"] = concurrency_sweep(lm, args.concurrency, "cuda" if cuda else "cpu")
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=1))
+        result["concurrency"] = concurrency_sweep(lm, args.concurrency, device, rounds=args.rounds)
+        save()
+    if args.hf_continuous_breakdown:
+        if cuda:
+            parser.error("--hf-continuous-breakdown times the host stages without synchronising: run it on the CPU")
+        reqs = make_requests("B", lm.spec.vocab_size, lm.tokenizer)[:args.hf_continuous_breakdown]
+        result["hf_continuous_breakdown"] = hf_continuous_breakdown(lm, reqs)
+        save()
     if args.decode_analysis and cuda:
-        result["decode_step"] = decode_step_analysis(smollm2_random("cuda", torch.bfloat16))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        result["decode_step"] = decode_step_analysis(lm)
+        save()
     for workload, res in result["workloads"].items():
         print(f"\nworkload {workload}: {res['requests']} requests, {res['generated_tokens']} tokens")
         for name, s in res["systems"].items():
