@@ -69,6 +69,7 @@ def test_a_small_run_end_to_end(tmp_path):
                                                            / result["offline"]["output_throughput"])
     assert math.isfinite(comparison["added_median_tpot_ms"])
     assert result["environment"]["python"] and result["environment"]["date"]
+    assert "git_commit" in result["environment"]                # the code a figure came from (issue 17)
     fig = bench.plot_latency_vs_rate(result)
     assert len(fig.axes) == 3
 
@@ -93,3 +94,29 @@ def test_summary_table_shows_a_run_where_nothing_completed():
     lines = bench.summary_table(result).splitlines()
     assert lines[2].split()[:3] == ["inf", "1.00", "3"] and lines[2].endswith("3 failed")
     assert lines[3].split()[3:9] == ["-"] * 6 and lines[3].endswith("3 failed")
+
+
+def test_a_burst_of_clients_on_a_small_server():
+    """burst_async (notebook 08, section 3): requests of different lengths all sent at once to a server that
+    runs 2 at a time; every client gets exactly its tokens, the polled gauges never show more than 2 running,
+    and the counters moved by what the burst did."""
+    import asyncio
+
+    from kvlab.serve import ServerProcess
+
+    server = ServerProcess(["--model", "tiny-llama-random", "--max-num-seqs", "2", "--torch-threads", "1"]).start()
+    try:
+        requests = [bench.BenchRequest(r.prompt_token_ids, n) for r, n in
+                    zip(make_requests(5, "alpaca", max_len=64, seed=1), [3, 9, 5, 12, 7])]
+        burst = asyncio.run(bench.burst_async(server.url, "tiny-llama-random", requests, poll_s=0.02))
+    finally:
+        server.stop()
+        server.close()
+    assert [r.output_len for r in burst.results] == [3, 9, 5, 12, 7] and all(r.ok for r in burst.results)
+    times, running = burst.series("kvlab:num_requests_running")
+    assert times == sorted(times) and max(running) <= 2
+    assert burst.series("kvlab:num_requests_waiting")[1][-1] == 0 and burst.after["kvlab:kv_cache_used_blocks"] == 0
+    assert burst.delta("kvlab:generation_tokens_total") == 3 + 9 + 5 + 12 + 7
+    assert burst.delta("kvlab:engine_steps_total") >= 12                # the longest request alone needs 12 steps
+    a, b = bench.plot_burst(burst, max_num_seqs=2)
+    assert a.get_lines()[0].get_label() == "running (in the batch)"

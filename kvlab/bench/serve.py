@@ -40,18 +40,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import math
-import os
-import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kvlab import workloads
+from kvlab.bench import results
 
 DATASETS = {"sharegpt": workloads.sharegpt_like, "alpaca": workloads.alpaca_like}
 AUTO_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -277,6 +275,71 @@ async def one_rate(url: str, requests: list[BenchRequest], rate: float, *, model
     return run
 
 
+@dataclass
+class Burst:
+    """What a burst of clients received, and what the server's /metrics said while they ran."""
+    results: list[RequestResult]                   # one per request, in request order
+    samples: list[tuple[float, dict]]              # (seconds since the burst, /metrics), polled while it ran
+    before: dict                                   # /metrics before the first request
+    after: dict                                    # /metrics once every client had its last token
+
+    def delta(self, name: str) -> float:
+        """How much a counter grew during the burst."""
+        return self.after.get(name, 0.0) - self.before.get(name, 0.0)
+
+    def series(self, name: str) -> tuple[list[float], list[float]]:
+        """(seconds since the burst, value) of one /metrics sample name, over the polls."""
+        return [t for t, _ in self.samples], [m.get(name, 0.0) for _, m in self.samples]
+
+
+async def burst_async(url: str, model: str, requests: list[BenchRequest], *, poll_s: float = 0.1,
+                      api_key: str | None = None, timeout: float = 300.0) -> Burst:
+    """Send every request at once (one streaming connection each, as send_request) and read /metrics every
+    poll_s seconds until the last token has arrived (in Jupyter: `await burst_async(...)`)."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    before = await asyncio.to_thread(scrape_metrics, url, api_key)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(send_request(session, url, model, r, headers)) for r in requests]
+        samples = []
+        while True:
+            done = all(t.done() for t in tasks)          # checked before the poll: the last poll sees the end
+            samples.append((time.perf_counter() - start, await asyncio.to_thread(scrape_metrics, url, api_key)))
+            if done:
+                break
+            await asyncio.sleep(poll_s)
+        results = [t.result() for t in tasks]
+    return Burst(results, samples, before, samples[-1][1])
+
+
+def plot_burst(burst: Burst, max_num_seqs: int | None = None, axes=None):
+    """Two panels against time since the burst: requests running and waiting (the engine's gauges), and KV
+    blocks in use; each request's first and last token marked on the first panel's time axis."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(12, 3.3), constrained_layout=True)
+    a, b = axes
+    for name, label in (("kvlab:num_requests_running", "running (in the batch)"),
+                        ("kvlab:num_requests_waiting", "waiting (queued)")):
+        a.step(*burst.series(name), where="post", label=label)
+    if max_num_seqs is not None:
+        a.axhline(max_num_seqs, color="gray", ls=":", lw=1, label="max_num_seqs")
+    ok = [r for r in burst.results if r.ok]
+    a.plot([r.e2e for r in ok], [0] * len(ok), "|", color="k", ms=12, label="a request's last token")
+    a.set(xlabel="seconds since the burst", ylabel="requests", title=f"/metrics during a burst of "
+          f"{len(burst.results)} clients")
+    a.legend(fontsize=8)
+    b.step(*burst.series("kvlab:kv_cache_used_blocks"), where="post", color="C2")
+    b.set(xlabel="seconds since the burst", ylabel="blocks", title="KV-cache blocks in use")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return axes
+
+
 def server_cpu_seconds(pid: int | None) -> tuple[float, float] | None:
     """CPU seconds (user + system) of a server's HTTP process and of its children (the engine core):
     what tells a front end that saturates one core from an engine that is slow. None without psutil."""
@@ -333,23 +396,8 @@ def compare(server_inf: dict, offline: dict) -> dict:
 # ---- the whole benchmark --------------------------------------------------------------------------
 
 def environment() -> dict:
-    import torch
-
-    import kvlab
-
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__, "kvlab": kvlab.__version__,
-           "machine": platform.machine(), "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": "cpu"}
-    for name in ("transformers", "triton", "starlette", "uvicorn", "aiohttp"):
-        try:
-            env[name] = __import__(name).__version__
-        except Exception:                                    # noqa: BLE001 -- absent is a fact too
-            env[name] = None
-    if torch.cuda.is_available():
-        env["device"] = "cuda"
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
+    """The machine and code of a run (kvlab.bench.results.environment, with the server's packages)."""
+    return results.environment(packages=("transformers", "triton", "starlette", "uvicorn", "aiohttp"))
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -369,8 +417,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if runs is not None:
             result["runs"] = runs
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            results.save(result, args.out)
 
     server = None
     url = args.url
@@ -469,17 +516,6 @@ def plot_latency_vs_rate(result: dict, axes=None, label: str | None = None):
         a.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-DATA = Path(__file__).resolve().parents[2] / "data" / "bench"     # the committed results
-
-
-def load_results(name: str | Path) -> dict | None:
-    """A committed result ("serve_cpu.json" in data/bench/) or any path; None if it does not exist."""
-    path = Path(name)
-    if not path.is_absolute() and path.parent == Path("."):
-        path = DATA / path
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 # ---- command line -----------------------------------------------------------------------------------
