@@ -726,9 +726,16 @@ def _histogram(steps_by_batch: dict, peak: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 PAPER_NAMES = {"max-reserve": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)", "paged": "vLLM"}
-# vLLM paper (Kwon et al., SOSP 2023), Figure 2 and §1: share of KV memory holding token states
-# in the §6.2 experiment (OPT-13B, A100-40GB, ShareGPT). The text gives the Orca range 20.4%-38.2%.
-PAPER_TOKEN_STATES = {"max-reserve": 0.204, "oracle": 0.382, "paged": 0.963}
+# vLLM paper (Kwon et al., SOSP 2023), Figure 2: where the KV memory went in the §6.2 experiment
+# (OPT-13B, A100-40GB, ShareGPT), as the bars read; the last share is "external fragmentation & others".
+# The text (§1) gives the Orca range 20.4%-38.2% of token states, and vLLM's 96.3%.
+PAPER_FIGURE2 = {
+    "max-reserve": dict(token_states=0.204, reservation=0.133, internal_fragmentation=0.573, external_and_others=0.089),
+    "pow2": dict(token_states=0.268, reservation=0.179, internal_fragmentation=0.136, external_and_others=0.416),
+    "oracle": dict(token_states=0.382, reservation=0.252, internal_fragmentation=0.0, external_and_others=0.366),
+    "paged": dict(token_states=0.963, reservation=0.0, internal_fragmentation=0.037, external_and_others=0.0),
+}
+PAPER_TOKEN_STATES = {policy: shares["token_states"] for policy, shares in PAPER_FIGURE2.items()}
 
 
 def opt13b_capacity_tokens(kv_gib: float = 12.0) -> int:
