@@ -64,7 +64,7 @@ WORKLOADS = {
     "B": dict(num_requests=16, prompt_range=(16, 256), new_range=(64, 64), device="cpu"),
 }
 GPU_SYSTEMS = ["kvlab", "hf_padded", "hf_static_compile", "hf_continuous", "hf_one_at_a_time", "hf_threads"]
-CPU_SYSTEMS = ["kvlab", "hf_padded", "hf_one_at_a_time", "hf_threads"]
+CPU_SYSTEMS = ["kvlab", "hf_padded", "hf_continuous", "hf_one_at_a_time", "hf_threads"]
 
 
 @dataclass
