@@ -80,3 +80,20 @@ def test_hf_continuous_attention_work_is_counted(tiny_llama):
     assert (out["attention_work_needed"], out["attention_work_computed"]) == (needed, computed)
     parts = out["prepare_s"] + out["attention_s"] + out["forward_rest_s"] + out["update_s"]
     assert 0 < parts <= out["wall_s"] * 1.05
+
+
+def test_runs_merge_into_one_result(tmp_path):
+    env = lambda day: {"gpu": "NVIDIA H200", "date": f"2026-12-0{day}T10:00:00+00:00", "git_commit": f"c{day}"}
+    parts = [{"environment": env(1), "workloads": {"A": {"systems": {}}}, "decode_step": {"batch_64": {}}},
+             {"environment": env(2), "workloads": {"C": {"systems": {}}}},
+             {"environment": env(3), "workloads": {}, "concurrency": {"1": {"kvlab": 1.0, "hf_padded": 1.0}}}]
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(tmp_path / f"{i}.json")
+        bench.results.save(part, paths[-1])
+    assert bench.main(["--merge", *map(str, paths), "--out", str(tmp_path / "all.json")]) == 0
+    merged = bench.results.load(tmp_path / "all.json")
+    assert sorted(merged["workloads"]) == ["A", "C"] and merged["concurrency"] == parts[2]["concurrency"]
+    assert merged["environment"]["C"]["git_commit"] == "c2" and merged["environment"]["concurrency"]["date"][:10] == \
+        "2026-12-03"
+    assert str(bench.results.provenance(merged)) == "NVIDIA H200, 2026-12-01, commit c1; c2; c3"

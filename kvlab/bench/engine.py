@@ -248,23 +248,48 @@ class HFContinuous:
     twice; kvlab runs with its prefix cache off too)."""
 
     def __init__(self, lm, requests, max_batch_tokens: int):
-        from transformers import ContinuousBatchingConfig, GenerationConfig
+        from transformers import GenerationConfig
 
         self.model = lm.hf_model
         self._before = getattr(self.model.config, "_attn_implementation", None)
         page = 256
-        pages = sum(math.ceil((len(p) + n) / page) for p, n in requests)
-        self.config = ContinuousBatchingConfig(num_blocks=pages + 8, max_batch_tokens=max_batch_tokens,
-                                               allow_block_sharing=False)
+        sizes = dict(num_blocks=sum(math.ceil((len(p) + n) / page) for p, n in requests) + 8,
+                     max_batch_tokens=max_batch_tokens)
         gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None,
                               pad_token_id=0)
+        try:                                      # transformers >= 5.2x: the manager's own config
+            from transformers import ContinuousBatchingConfig
+
+            self.config = ContinuousBatchingConfig(**sizes, allow_block_sharing=False)
+            kwargs = dict(continuous_batching_config=self.config)
+        except (ImportError, TypeError):          # older: the sizes ride on the generation config
+            self.config = None
+            gc.update(**sizes)
+            kwargs = {}
+        self.num_blocks = sizes["num_blocks"]
         t0 = time.perf_counter()
-        self.manager = self.model.init_continuous_batching(generation_config=gc,
-                                                           continuous_batching_config=self.config)
+        errors = []
+        for impl in (None, "paged|sdpa"):         # older transformers need the paged attention name
+            try:
+                if impl is not None:
+                    self.model.set_attn_implementation(impl)
+                self.manager = self.model.init_continuous_batching(generation_config=gc, **kwargs)
+                break
+            except Exception as e:                # noqa: BLE001
+                errors.append(f"{impl or self._before}: {type(e).__name__}: {e}")
+        else:
+            raise RuntimeError("transformers' continuous batching did not start: " + " | ".join(errors))
+        self.attn_implementation = getattr(self.model.config, "_attn_implementation", None)
         self.manager.start()
         self._runs = 0
         self(requests[:1])                        # the loop creates its cache and mask buffer on its first request
         self.setup_s = time.perf_counter() - t0
+
+    def _add(self, prompt, rid: str, n: int) -> None:
+        try:
+            self.manager.add_request(prompt, request_id=rid, max_new_tokens=n, record_timestamps=True)
+        except TypeError:                         # older transformers: no per-token timestamps
+            self.manager.add_request(prompt, request_id=rid, max_new_tokens=n)
 
     def __call__(self, requests) -> tuple[list, list]:
         """Submit every request at once; TTFT and TPOT from the manager's own per-token timestamps."""
@@ -273,14 +298,17 @@ class HFContinuous:
         ids = []
         for i, (p, n) in enumerate(requests):
             rid = f"run{self._runs}-r{i}"
-            self.manager.add_request(p, request_id=rid, max_new_tokens=n, record_timestamps=True)
+            self._add(p, rid, n)
             ids.append(rid)
         outs: dict[str, object] = {}
+        self._done_at: dict[str, float] = {}
         deadline = start + 3600
         while len(outs) < len(ids) and time.perf_counter() < deadline:
             r = self.manager.get_result(timeout=1)
-            if r is not None and r.is_finished():
+            if r is not None and (r.is_finished() if hasattr(r, "is_finished") else
+                                  str(r.status).upper().endswith("FINISHED")):
                 outs[r.request_id] = r
+                self._done_at[r.request_id] = time.perf_counter()
         if len(outs) < len(ids):
             raise RuntimeError(f"transformers' continuous batching finished {len(outs)} of {len(ids)} requests")
         ttft, tpot = [], []
@@ -288,7 +316,7 @@ class HFContinuous:
             r = outs[rid]
             if r.error or len(r.generated_tokens) != n:
                 raise RuntimeError(f"request {rid}: {r.error or f'{len(r.generated_tokens)} tokens, asked {n}'}")
-            stamps = r.timestamps or [time.perf_counter()] * n
+            stamps = getattr(r, "timestamps", None) or [self._done_at[rid]] * n   # without: completion time
             ttft.append(stamps[0] - start)
             tpot.append((stamps[-1] - stamps[0]) / (n - 1) if n > 1 else 0.0)
         return ttft, tpot
@@ -370,8 +398,8 @@ def hf_continuous_breakdown(lm, requests, max_batch_tokens: int = 1024) -> dict:
                 forward_rest_s=timers["step"] - timers["attention"], update_s=timers["update"],
                 steps=work["steps"], attention_work_computed=work["computed"], attention_work_needed=work["needed"],
                 ttft_p50_s=float(np.median(ttft)), tpot_p50_s=float(np.median(tpot)),
-                max_batch_tokens=max_batch_tokens, num_blocks=system.config.num_blocks,
-                attn_implementation=system._before)
+                max_batch_tokens=max_batch_tokens, num_blocks=system.num_blocks,
+                attn_implementation=system.attn_implementation)
 
 
 # ---------------------------------------------------------------------------- kvlab
@@ -478,8 +506,8 @@ def run_workload(workload: str, systems: list[str], lm, subset_slow: int | None 
                     run = measure(system, hf, requests, warmup_extra=hf.setup_s, rounds=rounds)
                 finally:
                     hf.close()
-                run.note += (f"; set-up {hf.setup_s:.1f} s (a paged cache of {hf.config.num_blocks} pages of 256 "
-                             f"tokens, sized to the requests), attention {hf._before}")
+                run.note += (f"; set-up {hf.setup_s:.1f} s (a paged cache of {hf.num_blocks} pages of 256 "
+                             f"tokens, sized to the requests), attention {hf.attn_implementation}")
                 runs[system] = run
                 del hf
                 _free_gpu_memory()
@@ -657,6 +685,27 @@ def _profile_decode_step(llm, batch, context, rng) -> dict:
 
 # ---------------------------------------------------------------------------- main
 
+def merge(paths) -> dict:
+    """One result from several runs of this benchmark (on a GPU each part fits a command's time limit: workload
+    A, workload C, the concurrency sweep): workloads, sweep and decode analysis from whichever run has them,
+    each run's environment kept under the part it measured; card and date from the first."""
+    out: dict = {"environment": {}, "method": __doc__, "workloads": {}}
+    for path in paths:
+        r = results.load(path)
+        env = r.get("environment") or {}
+        for w, res in r.get("workloads", {}).items():
+            out["workloads"][w] = res
+            out["environment"][w] = env
+        for key in ("concurrency", "decode_step", "hf_continuous_breakdown"):
+            if key in r:
+                out[key] = r[key]
+                out["environment"][key] = env
+    first = next(iter(out["environment"].values()), {})
+    out["card"] = first.get("gpu") or f"CPU ({first.get('cpu_count')} cores)"
+    out["date"] = str(first.get("date", ""))[:10]
+    return out
+
+
 def load_benchmark_model(device: str):
     """The model a workload runs: on a GPU SmolLM2-135M's shape with random weights in bf16, on the CPU the real
     SmolLM2-135M-Instruct in fp32."""
@@ -682,10 +731,18 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-continuous-breakdown", type=int, default=None, metavar="N",
                         help="CPU: where transformers' continuous batching spends its time, on the first N requests "
                              "of workload B")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="write one result (--out) from the JSON of several runs (A, C, the sweep), and run nothing")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        results.save(merge(args.merge), args.out)
+        print(f"wrote {args.out} from {len(args.merge)} runs")
+        return 0
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     workloads = args.workload if args.workload is not None else (["A", "C"] if cuda else ["B"])
