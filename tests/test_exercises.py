@@ -386,6 +386,110 @@ def _allocate_partially(self, sid, n):
     return list(self.tables[sid])
 
 
+def _paged_kv_head_modulo(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    out = torch.zeros_like(q)
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    for s in range(q.shape[0]):
+        n = int(seq_lens[s])
+        if n:
+            blocks = block_tables[s, : -(-n // bs)].long()
+            k, v = k_cache[blocks].flatten(0, 1)[:n], v_cache[blocks].flatten(0, 1)[:n]
+            for h in range(q.shape[1]):
+                out[s, h] = (k[:, h % hkv] @ q[s, h] * scale).softmax(0) @ v[:, h % hkv]
+    return out
+
+
+def _paged_whole_last_block(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    out = torch.zeros_like(q)
+    bs, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    for s in range(q.shape[0]):
+        n = int(seq_lens[s])
+        if n:
+            blocks = block_tables[s, : -(-n // bs)].long()
+            k, v = k_cache[blocks].flatten(0, 1), v_cache[blocks].flatten(0, 1)     # the stale tail included
+            for h in range(q.shape[1]):
+                out[s, h] = (k[:, h // group] @ q[s, h] * scale).softmax(0) @ v[:, h // group]
+    return out
+
+
+def _paged_ignores_the_table(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    out = torch.zeros_like(q)
+    bs, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    for s in range(q.shape[0]):
+        n = int(seq_lens[s])
+        if n:
+            blocks = torch.arange(-(-n // bs))                                     # logical = physical
+            k, v = k_cache[blocks].flatten(0, 1)[:n], v_cache[blocks].flatten(0, 1)[:n]
+            for h in range(q.shape[1]):
+                out[s, h] = (k[:, h // group] @ q[s, h] * scale).softmax(0) @ v[:, h // group]
+    return out
+
+
+def _merge_without_shift(o, m, l):
+    w = l * torch.exp(m)
+    return (w[:, None] * o).sum(0) / w.sum()
+
+
+def _merge_without_l(o, m, l):
+    w = torch.exp(m - m.max())
+    return (w[:, None] * o).sum(0) / w.sum()
+
+
+def _merge_without_m(o, m, l):
+    return (l[:, None] * o).sum(0) / l.sum()
+
+
+def _kernel_variant(tmp_path_factory, old: str, new: str):
+    """The solution's kernel with one line changed, imported from a file (Triton reads a kernel's source)."""
+    src = Path(importlib.import_module("kvlab.exercises.solutions.ch06").__file__).read_text()
+    assert src.count(old) == 1, old
+    folder = tmp_path_factory.mktemp("kernel")
+    name = f"wrong_kernel_{abs(hash((old, new)))}"
+    (folder / f"{name}.py").write_text(src.replace(old, new))
+    import sys
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name).paged_attention_kernel
+    finally:
+        sys.path.remove(str(folder))
+
+
+KERNEL_MISTAKES = [
+    ("acc not rescaled by alpha", "acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)",
+     "acc = acc + tl.sum(p[:, None] * v, axis=0)", "Forgetting alpha on acc"),
+    ("the logical block used as the physical one",
+     "block = tl.load(block_tables_ptr + seq * max_blocks + tok // BLOCK_SIZE, mask=mask, other=0)",
+     "block = tok // BLOCK_SIZE", "block_tables[s, i]"),
+    ("no -inf for the tokens past seq_len", 's = tl.where(mask, s, float("-inf"))', "s = s", "not -inf"),
+    ("GQA by modulo", "kv_head = head // (num_heads // num_kv_heads)", "kv_head = head % num_kv_heads",
+     "h // (num_heads // num_kv_heads)"),
+]
+
+
+@pytest.mark.parametrize("what, old, new, hint", KERNEL_MISTAKES, ids=[k[0] for k in KERNEL_MISTAKES])
+def test_wrong_kernel_fails_with_a_hint(tmp_path_factory, what, old, new, hint):
+    from kvlab.exercises import ch06
+    verdict = ch06.check_paged_attention_kernel(_kernel_variant(tmp_path_factory, old, new))
+    assert verdict.status == FAILED, f"{what}: {verdict.message}"
+    assert hint in (verdict.hint or ""), f"{what}: {verdict.hint!r}"
+
+
+def test_the_notebook_kernel_stub_is_not_implemented_yet(tmp_path):
+    """The stub cell as committed (blanks marked TODO) compiles to a kernel the check calls unfinished."""
+    from kvlab.exercises import ch06
+    cell = next(c for c in _cells("06_triton_kernel") if c["metadata"].get("kvlab_exercise") == "06.3")
+    (tmp_path / "stub_kernel.py").write_text("import kvlab\nimport triton\nimport triton.language as tl\n\n"
+                                             + "".join(cell["source"]))
+    import sys
+    sys.path.insert(0, str(tmp_path))
+    try:
+        kernel = importlib.import_module("stub_kernel").paged_attention_kernel
+    finally:
+        sys.path.remove(str(tmp_path))
+    verdict = ch06.check_paged_attention_kernel(kernel)
+    assert verdict.status == NOT_IMPLEMENTED and "7 blanks (TODO) left" in verdict.message
+
+
 WRONG = [
     ("01.1", "no causal mask", _head_no_mask, "no causal mask"),
     ("01.1", "the upper triangle masked in", _head_future, "wrong triangle"),
@@ -432,6 +536,12 @@ WRONG = [
     ("05.4", "fork without reference counts", _allocator(fork=_fork_without_refs), "reference count"),
     ("05.4", "an allocation that does not fit takes blocks anyway", _allocator(allocate=_allocate_partially),
      "changed its state anyway"),
+    ("06.1", "KV head h % Hkv", _paged_kv_head_modulo, "h // (num_heads // num_kv_heads)"),
+    ("06.1", "the stale tail of the last block attended", _paged_whole_last_block, "stale values"),
+    ("06.1", "logical block read as physical", _paged_ignores_the_table, "block_tables[s, i]"),
+    ("06.2", "a merge without the max shift", _merge_without_shift, "overflowed"),
+    ("06.2", "weights without l_i", _merge_without_l, "whole softmax mass"),
+    ("06.2", "weights without the max m_i", _merge_without_m, "different maxima"),
 ]
 
 
@@ -446,6 +556,7 @@ def test_wrong_answer_fails_with_a_hint_at_the_mistake(ex_id, what, answer, hint
 
 def test_every_exercise_has_at_least_two_wrong_answers():
     counts = {e.id: sum(1 for w in WRONG if w[0] == e.id) for e in READY}
+    counts["06.3"] = len(KERNEL_MISTAKES)
     assert all(n >= 2 for n in counts.values()), counts
 
 
