@@ -490,6 +490,59 @@ def test_the_notebook_kernel_stub_is_not_implemented_yet(tmp_path):
     assert verdict.status == NOT_IMPLEMENTED and "7 blanks (TODO) left" in verdict.message
 
 
+def _text_line_by_chunk(chunks):
+    """Splits each chunk into lines by itself: an event cut between two chunks is lost or broken."""
+    out = []
+    for chunk in chunks:
+        for line in chunk.split(b"\n"):
+            if line.startswith(b"data: "):
+                if line[6:] == b"[DONE]":
+                    return "".join(out)
+                message = json.loads(line[6:])
+                if message["choices"]:
+                    out.append(message["choices"][0].get("text") or "")
+    return "".join(out)
+
+
+def _text_without_usage_skip(chunks):
+    out = []
+    for line in b"".join(chunks).split(b"\n"):
+        if line.startswith(b"data: "):
+            if line[6:] == b"[DONE]":
+                break
+            out.append(json.loads(line[6:])["choices"][0]["text"])       # the usage chunk has no choices
+    return "".join(out)
+
+
+def _text_done_anywhere(chunks):
+    data = b"".join(chunks)
+    data = data[: data.index(b"[DONE]")]                                  # the text itself may hold [DONE]
+    out = []
+    for event in data.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            choices = json.loads(event[6:])["choices"]
+            if choices:
+                out.append(choices[0].get("text") or "")
+    return "".join(out)
+
+
+def _latencies(start, lines, *, per_token=True, skip_usage=True):
+    ttft, itls, last = None, [], None
+    for t, line in lines:
+        if not line.startswith(b"data: {"):
+            continue
+        choices = json.loads(line[6:])["choices"]
+        if not choices and skip_usage:
+            continue
+        k = len(choices[0].get("token_ids") or ()) if choices else 1
+        if ttft is None:
+            ttft = t - start
+        else:
+            itls += [(t - last) / k] * k if per_token else [t - last]
+        last = t
+    return ttft, itls
+
+
 WRONG = [
     ("01.1", "no causal mask", _head_no_mask, "no causal mask"),
     ("01.1", "the upper triangle masked in", _head_future, "wrong triangle"),
@@ -542,6 +595,13 @@ WRONG = [
     ("06.2", "a merge without the max shift", _merge_without_shift, "overflowed"),
     ("06.2", "weights without l_i", _merge_without_l, "whole softmax mass"),
     ("06.2", "weights without the max m_i", _merge_without_m, "different maxima"),
+    ("08.1", "lines split per chunk (no buffer)", _text_line_by_chunk, "buffer the bytes"),
+    ("08.1", "the usage chunk not skipped", _text_without_usage_skip, "skip chunks without choices"),
+    ("08.1", "stops at [DONE] anywhere in the bytes", _text_done_anywhere, "do not search the bytes"),
+    ("08.2", "one latency per event, not per token", lambda s, l: _latencies(s, l, per_token=False),
+     "several tokens"),
+    ("08.2", "the usage chunk counted as a token event", lambda s, l: _latencies(s, l, skip_usage=False),
+     "usage chunk"),
 ]
 
 
