@@ -422,7 +422,8 @@ def simulate_allocation_reference(workload: Workload, policy: str, capacity_toke
         if keep_map:
             if C * len(columns) >= MAX_MAP_CELLS:
                 raise ValueError(f"the memory map would exceed {MAX_MAP_CELLS:,} cells (capacity {C:,} x steps); "
-                                 f"it is for small traces: use simulate_allocation, or keep_map=False")
+                                 f"it is for small traces: leave it out (simulate_allocation(..., record_map=False), "
+                                 f"or simulate_allocation_reference(..., keep_map=False))")
             columns.append(cat)
         batch.append(len(running))
         # 4. requests that produced their last token finish and free their memory

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kvlab  # noqa: E402
@@ -185,6 +185,8 @@ def assert_valid_workload(wl, max_len=None):
        kwargs=arguments(n=st.integers(0, 40), seed=st.integers(0, 2**64), rate=st.one_of(st.none(), st.floats(1e-3, 10)),
                         max_len=st.integers(2, 10**6), prompt_range=st.tuples(st.integers(1, 50), st.integers(50, 99)),
                         output_range=st.tuples(st.integers(1, 9), st.integers(10, 20))))
+@example(make=workloads.uniform, kwargs=dict(n=5, seed=0, rate=None, max_len=30, prompt_range=(40, 60),
+                                             output_range=(1, 10)))    # issue 19: every prompt became 29 tokens
 def test_workload_generators(make, kwargs):
     if make is not workloads.uniform:
         del kwargs["prompt_range"], kwargs["output_range"]
@@ -195,6 +197,9 @@ def test_workload_generators(make, kwargs):
     if wl is not REFUSED:
         assert len(wl) == n
         assert_valid_workload(wl, kwargs["max_len"])
+        if make is workloads.uniform and n:       # issue 19: no prompt clipped outside its range without a word
+            lo, hi = kwargs["prompt_range"]
+            assert lo <= wl.prompt_len.min() and wl.prompt_len.max() <= hi
 
 
 @st.composite
@@ -475,3 +480,128 @@ def test_allocator_stepper_random_operations(ops, steps):
         st_.state(st_.shown_step)                        # the step on screen replays without an error
         assert (st_.error is None) == (st_.shown_step == max(0, min(len(ops), k)))
     plt.close("all")
+
+
+# ---------------------------------------------------------------------------- older layers, round 2 (issue 19)
+
+def test_uniform_refuses_a_prompt_range_that_does_not_fit_max_len():
+    """uniform(prompt_range=(3000, 4000)) with max_len 2048 made every prompt 2047 tokens, silently."""
+    with pytest.raises(ValueError, match=r"prompt_range \(3000, 4000\) does not fit max_len=2048: a prompt may have "
+                                         r"at most max_len - 1 = 2047 tokens"):
+        workloads.uniform(10, prompt_range=(3000, 4000))
+    with pytest.raises(ValueError, match="prompt_range"):
+        workloads.uniform(10, prompt_range=(1000, 3000))          # half of them would have been clipped
+    wl = workloads.uniform(200, prompt_range=(2000, 2047), output_range=(1, 100))
+    assert wl.prompt_len.min() >= 2000 and wl.prompt_len.max() <= 2047 and wl.total_len.max() <= 2048
+
+
+def test_a_memory_map_too_large_names_the_parameter_that_was_passed():
+    """simulate_allocation(..., record_map=True) suggested keep_map, a parameter it does not have."""
+    from kvlab.fragmentation import MAX_MAP_CELLS
+    wl = workloads.uniform(20, prompt_range=(100, 200), output_range=(100, 200), max_len=512)
+    with pytest.raises(ValueError) as info:
+        kvlab.simulate_allocation(wl, "paged", capacity_tokens=MAX_MAP_CELLS // 10, max_seq_len=512, record_map=True)
+    assert "simulate_allocation(..., record_map=False)" in str(info.value)
+    assert "use simulate_allocation, or" not in str(info.value)
+
+
+def _widget_apps():
+    from kvlab.ui.forward import FlopSplit
+    from kvlab.ui.fragmentation import FragmentationExplorer
+    from kvlab.ui.kernels import SplitKExplorer
+    from kvlab.ui.memory_calculator import ComparisonView, MemoryCalculator
+    from kvlab.ui.roofline import DecodeRoofline
+    return MemoryCalculator, ComparisonView, FragmentationExplorer, SplitKExplorer, FlopSplit, DecodeRoofline
+
+
+@pytest.mark.parametrize("app, kwargs, name, bad, allowed", [
+    (0, dict(model="nope"), "MemoryCalculator model", "'nope'", "'llama-3-8b'"),
+    (0, dict(tensor_parallel=3), "MemoryCalculator tensor_parallel", "3", "1, 2, 4, 8, 16"),
+    (0, dict(kv_dtype="fp7"), "MemoryCalculator kv_dtype", "'fp7'", "'fp8'"),
+    (0, dict(weight_dtype="fp7"), "MemoryCalculator weight_dtype", "'fp7'", "'bfloat16'"),
+    (0, dict(gpu="bogus"), "MemoryCalculator gpu", "'bogus'", "'H100-80GB'"),
+    (1, dict(models=("llama-3-8b", "nope")), "ComparisonView models", "'nope' is not one", "'mistral-7b'"),
+    (1, dict(gpu="bogus"), "ComparisonView gpu", "'bogus'", "'A100-80GB'"),
+    (1, dict(kv_dtype="fp7"), "ComparisonView kv_dtype", "'fp7'", "'int8'"),
+    (2, dict(block_size=3), "FragmentationExplorer block_size", "3", "1, 2, 4, 8, 16, 32, 64, 128, 256"),
+    (2, dict(rate=0.3), "FragmentationExplorer rate", "0.3", "None, 0.02, 0.05, 0.1, 0.2"),
+    (2, dict(max_seq_len=3000), "FragmentationExplorer max_seq_len", "3000", "512, 1024, 2048, 4096"),
+    (2, dict(workload="x"), "FragmentationExplorer workload", "'x'", "'sharegpt-like'"),
+    (3, dict(block_size=3), "SplitKExplorer block_size", "3", "1, 2, 4"),
+    (3, dict(batch=3), "SplitKExplorer batch", "3", "1, 2, 4"),
+    (3, dict(context=1000), "SplitKExplorer context", "1000", "1024"),
+    (3, dict(num_kv_heads=3), "SplitKExplorer num_kv_heads", "3", "1, 2, 4, 8, 16"),
+    (3, dict(gpu="x"), "SplitKExplorer gpu", "'x'", "'A100 (108 SMs)'"),
+    (4, dict(model="x", plot=False), "FlopSplit model", "'x'", "'smollm2-135m'"),
+    (4, dict(prompt_len=3, plot=False), "FlopSplit prompt_len", "3", "1024"),
+    (4, dict(logits="x", plot=False), "FlopSplit logits", "'x'", "'all', 'last'"),
+    (5, dict(model="x", plot=False), "DecodeRoofline model", "'x'", "'smollm2-135m'"),
+])
+def test_a_widget_value_outside_its_options_names_the_widget_and_its_options(app, kwargs, name, bad, allowed):
+    """Each raised `TraitError: Invalid selection: value not found` (issue 19): no widget, no options."""
+    from traitlets import TraitError
+    with pytest.raises(ValueError) as info:
+        _widget_apps()[app](**kwargs)
+    message = str(info.value)
+    assert isinstance(info.value, TraitError)                     # what ipywidgets raised before: still caught
+    assert message.startswith(name + " must be ") and bad in message and allowed in message, message
+
+
+def test_setting_a_widget_to_a_value_it_does_not_offer_names_it(calculator):
+    """calc.gpu.value = "bogus" and calc.kv_dtype.value = "fp7" said only "Invalid selection"; the
+    calculator's state is left as it was."""
+    before = calculator.gpu.value, calculator.kv_dtype.value, calculator.c_attention.value
+    for widget, value, name in ((calculator.gpu, "bogus", "MemoryCalculator gpu"),
+                                (calculator.kv_dtype, "fp7", "MemoryCalculator kv_dtype"),
+                                (calculator.c_attention, "gqa2", "MemoryCalculator custom attention")):
+        with pytest.raises(ValueError, match=f"^{name} must be one of .*; got '{value}'$"):
+            widget.value = value
+    assert (calculator.gpu.value, calculator.kv_dtype.value, calculator.c_attention.value) == before
+
+
+def test_memory_calculator_refuses_what_its_widgets_would_change_silently():
+    """context_len=0 became 128 and gpu_memory_utilization=1.5 became 1.0 (the sliders clamp);
+    custom layers 2.5 were computed as 2 (IntText truncates)."""
+    from kvlab.ui.memory_calculator import ComparisonView, MemoryCalculator
+    from kvlab.ui.fragmentation import FragmentationExplorer
+    for kwargs, words in ((dict(context_len=0), "context_len must be an integer in 128..163,840 (the slider's "
+                                                "range), got 0"),
+                          (dict(context_len=10**6), "context_len must be"),
+                          (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization must be a number in [0.5, 1] "
+                                                             "(the slider's range), got 1.5"),
+                          (dict(gpu_memory_utilization=0.2), "gpu_memory_utilization must be"),
+                          (dict(num_requests=0), "num_requests must be an integer in 1..1024")):
+        with pytest.raises(ValueError) as info:
+            MemoryCalculator(plot=False, **kwargs)
+        assert words in str(info.value)
+    with pytest.raises(ValueError, match="kv_gib must be a number of GiB in \\[2, 40\\]"):
+        FragmentationExplorer(n=10, kv_gib=100)
+    with pytest.raises(ValueError, match="context_len must be an integer in 128..32,768"):
+        ComparisonView(context_len=10**5)
+    calc = MemoryCalculator(context_len=8192, gpu_memory_utilization=0.8, plot=False)
+    assert (calc.context.value, calc.utilization.value) == (8192, 0.8) and calc.plan.context_len == 8192
+
+    custom = MemoryCalculator(plot=False)
+    custom.model.value = "custom"
+    custom.c_layers.value = 4
+    kv4 = custom.plan.kv_bytes_per_token
+    with pytest.raises(ValueError, match="^MemoryCalculator custom layers must be a whole number, got float 2.5$"):
+        custom.c_layers.value = 2.5
+    with pytest.raises(ValueError, match="the bool True"):
+        custom.c_layers.value = True
+    assert custom.c_layers.value == 4 and custom.plan.kv_bytes_per_token == kv4
+    custom.c_layers.value = 8.0                                     # a whole float is the integer
+    assert custom.c_layers.value == 8 and custom.plan.kv_bytes_per_token == 2 * kv4
+
+
+def test_plot_comparison_of_nothing_says_so():
+    """plot_comparison([]) raised "max() arg is an empty sequence"."""
+    from kvlab.ui.memory_calculator import plot_comparison
+    with pytest.raises(ValueError, match="models is empty: plot_comparison needs at least one preset name"):
+        plot_comparison([])
+    with pytest.raises(TypeError, match="models must be a list of preset names or ModelSpecs, got str"):
+        plot_comparison("llama-3-8b")
+    import matplotlib.pyplot as plt
+    fig = plot_comparison(["llama-3-8b"])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["llama-3-8b"]
+    plt.close(fig)

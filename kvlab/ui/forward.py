@@ -25,6 +25,7 @@ from kvlab.model.flops import LOGITS, FlopCount, forward_flops, prefill_fit
 from kvlab.model.presets import list_presets
 from kvlab.model.spec import ModelSpec
 from kvlab.ui.figures import PART_LABELS, error_html, plot_flop_shares, png
+from kvlab.ui.widgets import Dropdown, SelectionSlider, ToggleButtons
 
 # 16 .. 131,072 tokens: powers of two and the halfway points between them (16, 24, 32, 48, ...)
 PROMPT_LENGTHS = sorted({n for p in range(4, 18) for n in (2 ** p, 3 * 2 ** (p - 1))} - {3 * 2 ** 16})
@@ -41,12 +42,13 @@ class FlopSplit:
 
     def __init__(self, model: str = "smollm2-135m", prompt_len: int = 1024, logits: str = "all", plot: bool = True):
         style = {"description_width": "120px"}
-        self.model = W.Dropdown(options=flop_models(), value=model, description="model", style=style,
-                                layout=W.Layout(width="360px"))
-        self.prompt_len = W.SelectionSlider(options=PROMPT_LENGTHS, value=prompt_len, description="prompt length T",
-                                            continuous_update=False, style=style, layout=W.Layout(width="560px"))
-        self.logits = W.ToggleButtons(options=[(LOGITS_LABELS[k], k) for k in LOGITS], value=logits,
-                                      description="LM head on", style=style)
+        self.model = Dropdown(options=flop_models(), value=model, description="model", style=style,
+                              layout=W.Layout(width="360px"), name="FlopSplit model")
+        self.prompt_len = SelectionSlider(options=PROMPT_LENGTHS, value=prompt_len, description="prompt length T",
+                                          continuous_update=False, style=style, layout=W.Layout(width="560px"),
+                                          name="FlopSplit prompt_len")
+        self.logits = ToggleButtons(options=[(LOGITS_LABELS[k], k) for k in LOGITS], value=logits,
+                                    description="LM head on", style=style, name="FlopSplit logits")
         self.results = W.HTML()
         self.results.add_class("kvlab-results")
         self.image = W.Image(format="png")   # the figure, rendered once per update (no pyplot state)

@@ -22,6 +22,7 @@ from matplotlib.patches import Patch
 from kvlab import checks, workloads
 from kvlab.fragmentation import (CATEGORIES, PAPER_NAMES, PAPER_TOKEN_STATES, POLICIES, USED_OR_LOST,
                                  AllocationResult, opt13b_capacity_tokens, simulate_allocation)
+from kvlab.ui.widgets import Dropdown, SelectionSlider
 
 COLORS = {"free": "#f2f2f2", "token_states": "#4c72b0", "reservation": "#8fbce6",
           "internal_fragmentation": "#dd8452", "external_fragmentation": "#c44e52"}
@@ -183,18 +184,21 @@ class FragmentationExplorer(W.VBox):
                  max_seq_len: int = 2048, rate: float | None = 0.1, workload: str = "sharegpt-like"):
         self.n = checks.integer("n", n, minimum=1, allowed="a positive integer (requests per run)")
         self.seed = checks.integer("seed", seed, minimum=0)
+        kv_gib = checks.in_range("kv_gib", kv_gib, 2, 40, "a number of GiB in [2, 40] (the slider's range)")
         style = {"description_width": "130px"}
         layout = W.Layout(width="420px")
-        self.block_size = W.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=block_size,
-                                            description="block size", style=style, layout=layout)
+        self.block_size = SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=block_size,
+                                          description="block size", style=style, layout=layout,
+                                          name="FragmentationExplorer block_size")
         self.kv_gib = W.FloatSlider(value=kv_gib, min=2, max=40, step=1, description="KV GiB (OPT-13B)",
                                     style=style, layout=layout)
-        self.rate = W.Dropdown(options=self.RATES, value=rate, description="arrival rate", style=style,
-                               layout=layout)
-        self.max_seq_len = W.SelectionSlider(options=[512, 1024, 2048, 4096], value=max_seq_len,
-                                             description="max length", style=style, layout=layout)
-        self.workload = W.Dropdown(options=list(WORKLOADS), value=workload, description="workload",
-                                   style=style, layout=layout)
+        self.rate = Dropdown(options=self.RATES, value=rate, description="arrival rate", style=style,
+                             layout=layout, name="FragmentationExplorer rate")
+        self.max_seq_len = SelectionSlider(options=[512, 1024, 2048, 4096], value=max_seq_len,
+                                           description="max length", style=style, layout=layout,
+                                           name="FragmentationExplorer max_seq_len")
+        self.workload = Dropdown(options=list(WORKLOADS), value=workload, description="workload",
+                                 style=style, layout=layout, name="FragmentationExplorer workload")
         self.readout = W.HTML()
         self.message = W.HTML()             # errors: what could not run, and why
         self.image = W.Image(format="png")  # the figure, rendered once per update (no pyplot state)

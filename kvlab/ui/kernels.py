@@ -29,6 +29,7 @@ from kvlab.memory import kv_cache_bytes, weight_bytes
 from kvlab.model.flops import H100_SXM, GpuPeak, forward_flops
 from kvlab.model.spec import ModelSpec
 from kvlab.ui.figures import png
+from kvlab.ui.widgets import Dropdown, SelectionSlider
 
 _pa = importlib.import_module("kvlab.kernels.paged_attention")   # the module (kvlab.kernels exports the function)
 
@@ -150,15 +151,17 @@ class SplitKExplorer(W.VBox):
                  gpu: str = "H100 SXM / H200 (132 SMs)"):
         style = {"description_width": "110px"}
         layout = W.Layout(width="420px")
-        self.batch = W.SelectionSlider(options=self.BATCHES, value=batch, description="batch", style=style,
-                                       layout=layout)
-        self.context = W.SelectionSlider(options=self.CONTEXTS, value=context, description="context (tokens)",
-                                         style=style, layout=layout)
-        self.block_size = W.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=block_size,
-                                            description="block size", style=style, layout=layout)
-        self.num_kv_heads = W.SelectionSlider(options=[1, 2, 4, 8, 16], value=num_kv_heads, description="KV heads",
-                                              style=style, layout=layout)
-        self.gpu = W.Dropdown(options=list(GPUS), value=gpu, description="GPU", style=style, layout=layout)
+        self.batch = SelectionSlider(options=self.BATCHES, value=batch, description="batch", style=style,
+                                     layout=layout, name="SplitKExplorer batch")
+        self.context = SelectionSlider(options=self.CONTEXTS, value=context, description="context (tokens)",
+                                       style=style, layout=layout, name="SplitKExplorer context")
+        self.block_size = SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=block_size,
+                                          description="block size", style=style, layout=layout,
+                                          name="SplitKExplorer block_size")
+        self.num_kv_heads = SelectionSlider(options=[1, 2, 4, 8, 16], value=num_kv_heads, description="KV heads",
+                                            style=style, layout=layout, name="SplitKExplorer num_kv_heads")
+        self.gpu = Dropdown(options=list(GPUS), value=gpu, description="GPU", style=style, layout=layout,
+                            name="SplitKExplorer gpu")
         self.readout = W.HTML()
         self.message = W.HTML()
         self.image = W.Image(format="png")

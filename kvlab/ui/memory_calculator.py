@@ -24,10 +24,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import display
 
-from kvlab import memory
+from kvlab import checks, memory
 from kvlab.model.presets import PRESETS, list_presets
 from kvlab.model.spec import ModelSpec
 from kvlab.ui.figures import error_html
+from kvlab.ui.widgets import Dropdown, IntText, SelectMultiple
 
 CUSTOM = "custom"
 DTYPES = list(memory.KV_DTYPE_BITS)
@@ -104,19 +105,28 @@ class MemoryCalculator:
     def __init__(self, model: str = "llama-3-8b", gpu: str = "H100-80GB", context_len: int = 4096,
                  kv_dtype: str = "bfloat16", weight_dtype: str = "bfloat16", tensor_parallel: int = 1,
                  num_requests: int = 16, gpu_memory_utilization: float = 0.9, plot: bool = True):
+        # The sliders would move a value outside their range to the nearest end without a word:
+        # refuse it instead (the dropdowns and number fields refuse theirs by name, kvlab.ui.widgets).
+        context_len = checks.integer("context_len", context_len, CONTEXT_MIN, CONTEXT_MAX,
+                                     allowed=f"an integer in {CONTEXT_MIN}..{CONTEXT_MAX:,} (the slider's range)")
+        num_requests = checks.integer("num_requests", num_requests, 1, 1024,
+                                      allowed="an integer in 1..1024 (the slider's range)")
+        gpu_memory_utilization = checks.in_range("gpu_memory_utilization", gpu_memory_utilization, 0.5, 1.0,
+                                                 "a number in [0.5, 1] (the slider's range)")
         style = {"description_width": "130px"}
         def layout():   # one Layout per widget: a shared one would hide them all together
             return W.Layout(width="420px")
-        self.model = W.Dropdown(options=list_presets() + [CUSTOM], value=model, description="model",
-                                style=style, layout=layout())
-        self.kv_dtype = W.Dropdown(options=DTYPES, value=kv_dtype, description="KV dtype", style=style, layout=layout())
-        self.weight_dtype = W.Dropdown(options=DTYPES, value=weight_dtype, description="weight dtype",
-                                       style=style, layout=layout())
-        self.gpu = W.Dropdown(options=list(memory.GPUS) + [CUSTOM], value=gpu, description="GPU",
-                              style=style, layout=layout())
+        self.model = Dropdown(options=list_presets() + [CUSTOM], value=model, description="model",
+                              style=style, layout=layout(), name="MemoryCalculator model")
+        self.kv_dtype = Dropdown(options=DTYPES, value=kv_dtype, description="KV dtype", style=style,
+                                 layout=layout(), name="MemoryCalculator kv_dtype")
+        self.weight_dtype = Dropdown(options=DTYPES, value=weight_dtype, description="weight dtype",
+                                     style=style, layout=layout(), name="MemoryCalculator weight_dtype")
+        self.gpu = Dropdown(options=list(memory.GPUS) + [CUSTOM], value=gpu, description="GPU",
+                            style=style, layout=layout(), name="MemoryCalculator gpu")
         self.gpu_gib = W.FloatText(value=48.0, description="GPU memory (GiB)", style=style, layout=layout())
-        self.tp = W.Dropdown(options=TP_DEGREES, value=tensor_parallel, description="tensor parallel",
-                             style=style, layout=layout())
+        self.tp = Dropdown(options=TP_DEGREES, value=tensor_parallel, description="tensor parallel",
+                           style=style, layout=layout(), name="MemoryCalculator tensor_parallel")
         self.context = W.IntSlider(value=context_len, min=CONTEXT_MIN, max=CONTEXT_MAX, step=CONTEXT_STEP,
                                    description="context (tokens)", continuous_update=False, style=style,
                                    layout=W.Layout(width="560px"))
@@ -128,14 +138,17 @@ class MemoryCalculator:
                                          description="GPU utilization", continuous_update=False,
                                          style=style, layout=W.Layout(width="560px"))
         # custom model fields, shown when model == "custom"
-        self.c_layers = W.IntText(value=32, description="layers", style=style, layout=layout())
-        self.c_heads = W.IntText(value=32, description="query heads", style=style, layout=layout())
-        self.c_kv_heads = W.IntText(value=8, description="KV heads", style=style, layout=layout())
-        self.c_head_dim = W.IntText(value=128, description="head dim", style=style, layout=layout())
-        self.c_attention = W.Dropdown(options=["mha", "gqa", "mqa", "mla"], value="gqa", description="attention",
-                                      style=style, layout=layout())
-        self.c_latent = W.IntText(value=512, description="MLA latent (rank)", style=style, layout=layout())
-        self.c_rope = W.IntText(value=64, description="MLA RoPE key dim", style=style, layout=layout())
+        def number(value: int, description: str) -> IntText:   # 2.5 layers is refused, not read as 2
+            return IntText(value=value, description=description, style=style, layout=layout(),
+                           name=f"MemoryCalculator custom {description}")
+        self.c_layers = number(32, "layers")
+        self.c_heads = number(32, "query heads")
+        self.c_kv_heads = number(8, "KV heads")
+        self.c_head_dim = number(128, "head dim")
+        self.c_attention = Dropdown(options=["mha", "gqa", "mqa", "mla"], value="gqa", description="attention",
+                                    style=style, layout=layout(), name="MemoryCalculator custom attention")
+        self.c_latent = number(512, "MLA latent (rank)")
+        self.c_rope = number(64, "MLA RoPE key dim")
         self.c_params_b = W.FloatText(value=8.0, description="params (billions)", style=style, layout=layout())
         self.custom_box = W.VBox([self.c_layers, self.c_heads, self.c_kv_heads, self.c_head_dim, self.c_attention,
                                   self.c_latent, self.c_rope, self.c_params_b])
@@ -302,6 +315,12 @@ def compare(models, gpu="H100-80GB", context_len: int = 4096, kv_dtype="bfloat16
 
 def plot_comparison(models, gpu="H100-80GB", context_len: int = 4096, **kwargs):
     """Bars side by side: KV KiB per token (left) and max concurrent requests (right)."""
+    if isinstance(models, (str, ModelSpec)) or not hasattr(models, "__iter__"):
+        raise TypeError(f"models must be a list of preset names or ModelSpecs, got {checks.shown(models)}")
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: plot_comparison needs at least one preset name or ModelSpec "
+                         "(kvlab.list_presets() names them)")
     rows = compare(models, gpu=gpu, context_len=context_len, **kwargs)
     names = [r["model"] for r in rows]
     colors = [{"mha": "#4c72b0", "gqa": "#55a868", "mqa": "#c44e52", "mla": "#8172b2"}[r["attention"]] for r in rows]
@@ -335,11 +354,17 @@ class ComparisonView:
 
     def __init__(self, models=("llama-2-7b", "llama-3-8b", "mistral-7b", "qwen2.5-7b", "falcon-7b", "deepseek-v2-lite"),
                  gpu: str = "H100-80GB", context_len: int = 4096, kv_dtype: str = "bfloat16"):
+        context_len = checks.integer("context_len", context_len, CONTEXT_MIN, 32768,
+                                     allowed=f"an integer in {CONTEXT_MIN}..32,768 (the slider's range)")
+        if isinstance(models, str) or not hasattr(models, "__iter__"):
+            raise TypeError(f"models must be a list of preset names, got {checks.shown(models)}")
         style = {"description_width": "110px"}
-        self.models = W.SelectMultiple(options=list_presets(), value=tuple(models), rows=8, description="models",
-                                       style=style)
-        self.gpu = W.Dropdown(options=list(memory.GPUS), value=gpu, description="GPU", style=style)
-        self.kv_dtype = W.Dropdown(options=DTYPES, value=kv_dtype, description="KV dtype", style=style)
+        self.models = SelectMultiple(options=list_presets(), value=tuple(models), rows=8, description="models",
+                                     style=style, name="ComparisonView models")
+        self.gpu = Dropdown(options=list(memory.GPUS), value=gpu, description="GPU", style=style,
+                            name="ComparisonView gpu")
+        self.kv_dtype = Dropdown(options=DTYPES, value=kv_dtype, description="KV dtype", style=style,
+                                 name="ComparisonView kv_dtype")
         self.context = W.IntSlider(value=context_len, min=CONTEXT_MIN, max=32768, step=CONTEXT_STEP,
                                    description="context (tokens)", continuous_update=False, style=style,
                                    layout=W.Layout(width="520px"))

@@ -27,6 +27,7 @@ from kvlab.model.flops import H100_SXM, DecodeStepCost, GpuPeak, decode_step_cos
 from kvlab.model.presets import list_presets
 from kvlab.model.spec import ModelSpec
 from kvlab.ui.figures import error_html, plot_roofline, png
+from kvlab.ui.widgets import Dropdown
 
 BATCH_MAX = 1024
 CONTEXT_MIN, CONTEXT_MAX = 16, 131_072
@@ -45,8 +46,8 @@ class DecodeRoofline:
                  gpu: GpuPeak = H100_SXM, plot: bool = True):
         style = {"description_width": "120px"}
         self.gpu = gpu
-        self.model = W.Dropdown(options=roofline_models(), value=model, description="model", style=style,
-                                layout=W.Layout(width="360px"))
+        self.model = Dropdown(options=roofline_models(), value=model, description="model", style=style,
+                              layout=W.Layout(width="360px"), name="DecodeRoofline model")
         self.batch_size = W.IntSlider(value=batch_size, min=1, max=BATCH_MAX, description="batch size",
                                       continuous_update=False, style=style, layout=W.Layout(width="560px"))
         self.context = W.IntSlider(value=context, min=CONTEXT_MIN, max=CONTEXT_MAX, step=16,
