@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 
 from kvlab import checks, memory
@@ -46,6 +47,10 @@ def add_memory_parser(subparsers) -> argparse.ArgumentParser:
                    help="reserve per GPU for activations and workspace, GiB; default 1")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--list", action="store_true", help="list model and GPU presets and exit")
+    # argparse reads a value that starts with "-" as an option unless it looks like a plain negative
+    # number (-5, -0.5): "--gpu -5GiB" or "--reserve-gib -1e3" failed as "expected one argument".
+    # This command has no option like -1, so any "-<number...>" is a value, and its check says what is wrong.
+    p._negative_number_matcher = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
     return p
 
 

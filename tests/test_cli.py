@@ -53,6 +53,8 @@ def test_list(capsys):
     (["memory", "--model", "gpt-5"], "not a preset"),
     (["memory", "--gpu", "B300"], "not a GPU preset"),
     (["memory", "--gpu=-3GiB"], "--gpu '-3GiB': memory must be positive"),
+    (["memory", "--gpu", "-5GiB"], "--gpu '-5GiB': memory must be positive"),      # issue 19: no "expected one argument"
+    (["memory", "--gpu", "-inf"], "--gpu '-inf': memory must be positive"),
     (["memory", "--gpu", "0GB"], "must be positive"),
     (["memory", "--gpu", "inf"], "must be positive and finite"),
     (["memory", "--gpu", "infGiB"], "must be positive and finite"),
@@ -74,6 +76,7 @@ def test_list(capsys):
     (["memory", "--reserve-gib=-inf"], "--reserve-gib must be a finite number of GiB >= 0"),
     (["memory", "--reserve-gib", "nan"], "--reserve-gib must be a finite number of GiB >= 0 (below 2**33), got nan"),
     (["memory", "--reserve-gib=-1"], "--reserve-gib must be a finite number of GiB >= 0 (below 2**33), got -1.0"),
+    (["memory", "--reserve-gib", "-1e3"], "--reserve-gib must be a finite number of GiB >= 0 (below 2**33), got -1000.0"),
     (["memory", "--reserve-gib", "1e12"], "--reserve-gib must be a finite number of GiB >= 0 (below 2**33)"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
