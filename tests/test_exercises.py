@@ -87,6 +87,14 @@ def test_stub_is_not_implemented_yet(ex):
     assert "not implemented yet" in verdict.message and "run this cell again" in verdict.message
 
 
+def test_every_exercise_has_a_check_and_a_solution():
+    assert [e.id for e in READY] == [e.id for e in EXERCISES]
+
+
+def test_every_chapter_has_an_exercise_notebook():
+    assert BUILT == CHAPTERS, f"missing: {sorted(set(CHAPTERS) - set(BUILT))}"
+
+
 def test_show_solution_prints_the_solution(capsys):
     show_solution("attention_head")
     out = capsys.readouterr().out
@@ -543,6 +551,79 @@ def _latencies(start, lines, *, per_token=True, skip_usage=True):
     return ttft, itls
 
 
+def _static_perfect_packing(lens, b):
+    return -(-sum(lens) // b)
+
+
+def _static_longest_overall(lens, b):
+    return max(lens) * -(-len(lens) // b)
+
+
+def _continuous_perfect_packing(lens, b):
+    return -(-sum(lens) // b)
+
+
+def _continuous_step_lost_per_request(lens, b):
+    rows = [0] * min(b, len(lens))
+    for n in lens:
+        rows[rows.index(min(rows))] += n + 1                         # the row waits a step before its next request
+    return max(rows) - 1
+
+
+def _scheduler(*, admissions_first=False, oldest_victim=False, admit_after_preemption=False, no_watermark=False,
+               floor_blocks=False, whole_prompt=False):
+    """A scheduler step with one mistake switched on (each flag is one plausible slip)."""
+    from kvlab.exercises.ch07 import StepPlan
+
+    def step(running, waiting, free, limits):
+        bs, budget, plan = limits.block_size, limits.token_budget, StepPlan()
+        blocks = (lambda n: n // bs) if floor_blocks else (lambda n: -(-n // bs))
+        running, waiting = list(running), list(waiting)
+        earlier = list(running)
+
+        def admit():
+            nonlocal free, budget
+            while (admit_after_preemption or not plan.preempted) and waiting and budget > 0:
+                head = waiting[0]
+                watermark = 0 if no_watermark or not running else limits.watermark_blocks
+                if len(running) + 1 > limits.max_running or blocks(head.num_tokens) > free - watermark:
+                    break
+                waiting.pop(0)
+                free -= blocks(head.num_tokens)
+                running.append(head)
+                plan.scheduled[head.request_id] = head.num_tokens if whole_prompt else min(head.num_tokens, budget)
+                budget -= plan.scheduled[head.request_id]
+
+        if admissions_first:
+            admit()
+        for seq in earlier:                                            # decodes
+            if seq not in running or seq.num_slots > seq.num_computed:
+                continue
+            if budget <= 0:
+                break
+            needs = seq.num_slots % bs == 0
+            while needs and free == 0:
+                victim = running.pop(0 if oldest_victim else -1)
+                free += -(-victim.num_slots // bs)
+                plan.preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            if seq not in running:
+                continue
+            free -= needs
+            plan.scheduled[seq.request_id] = 1
+            budget -= 1
+        for seq in earlier:                                            # chunks
+            left = seq.num_slots - seq.num_computed
+            if seq in running and left > 0 and budget > 0 and seq.request_id not in plan.scheduled:
+                plan.scheduled[seq.request_id] = min(left, budget)
+                budget -= plan.scheduled[seq.request_id]
+        if not admissions_first:
+            admit()
+        return plan
+    return step
+
+
 WRONG = [
     ("01.1", "no causal mask", _head_no_mask, "no causal mask"),
     ("01.1", "the upper triangle masked in", _head_future, "wrong triangle"),
@@ -595,6 +676,12 @@ WRONG = [
     ("06.2", "a merge without the max shift", _merge_without_shift, "overflowed"),
     ("06.2", "weights without l_i", _merge_without_l, "whole softmax mass"),
     ("06.2", "weights without the max m_i", _merge_without_m, "different maxima"),
+    ("07.2", "admits before the decodes", _scheduler(admissions_first=True), "Admissions come last"),
+    ("07.2", "preempts the oldest", _scheduler(oldest_victim=True), "NEWEST"),
+    ("07.2", "admits in a step that preempted", _scheduler(admit_after_preemption=True), "No admissions"),
+    ("07.2", "no watermark", _scheduler(no_watermark=True), "watermark"),
+    ("07.2", "blocks rounded down at admission (off by one)", _scheduler(floor_blocks=True), "partly filled last block"),
+    ("07.2", "a whole prompt in one step past the budget", _scheduler(whole_prompt=True), "token budget"),
     ("08.1", "lines split per chunk (no buffer)", _text_line_by_chunk, "buffer the bytes"),
     ("08.1", "the usage chunk not skipped", _text_without_usage_skip, "skip chunks without choices"),
     ("08.1", "stops at [DONE] anywhere in the bytes", _text_done_anywhere, "do not search the bytes"),
@@ -605,17 +692,28 @@ WRONG = [
 ]
 
 
-@pytest.mark.parametrize("ex_id, what, answer, hint", WRONG, ids=[f"{w[0]} {w[1]}" for w in WRONG])
+WRONG_PAIRS = [  # 07.1 takes two functions: (static, continuous)
+    ("07.1", "static: perfect packing", (_static_perfect_packing, _sol("07").continuous_steps), "LONGEST"),
+    ("07.1", "static: the longest of all for every batch", (_static_longest_overall, _sol("07").continuous_steps),
+     "max per batch"),
+    ("07.1", "continuous: perfect packing", (_sol("07").static_steps, _continuous_perfect_packing), "simulate the rows"),
+    ("07.1", "continuous: a step lost between two requests on a row",
+     (_sol("07").static_steps, _continuous_step_lost_per_request), "very next step"),
+]
+
+
+@pytest.mark.parametrize("ex_id, what, answer, hint", WRONG + WRONG_PAIRS,
+                         ids=[f"{w[0]} {w[1]}" for w in WRONG + WRONG_PAIRS])
 def test_wrong_answer_fails_with_a_hint_at_the_mistake(ex_id, what, answer, hint):
     ex = exercise(ex_id)
-    verdict = check_of(ex)(answer)
+    verdict = check_of(ex)(*answer) if isinstance(answer, tuple) else check_of(ex)(answer)
     assert verdict.status == FAILED, f"{what}: {verdict.message}"
     assert verdict.message.startswith(f"✗ {ex.id} ") and "expected" in verdict.message, verdict.message
     assert verdict.hint and hint in verdict.hint, f"{what}: hint {verdict.hint!r} lacks {hint!r}"
 
 
 def test_every_exercise_has_at_least_two_wrong_answers():
-    counts = {e.id: sum(1 for w in WRONG if w[0] == e.id) for e in READY}
+    counts = {e.id: sum(1 for w in WRONG + WRONG_PAIRS if w[0] == e.id) for e in READY}
     counts["06.3"] = len(KERNEL_MISTAKES)
     assert all(n >= 2 for n in counts.values()), counts
 
