@@ -69,7 +69,7 @@ def test_concurrency_is_plotted_and_tabled_as_given():
     assert ratios["kvlab / HF one at a time"] == pytest.approx([15.0, 200.0, 750.0])
     assert "NVIDIA H200, 2026-11-29, commit 4b470bea30a8" in a.get_title()
     table = "\n".join(ui.concurrency_table(result))
-    assert re.search(r"\n\s+64\s+15,000\s+1,500\s+10.0x\s+1.0 ms\s+30.0 ms", table)
+    assert re.search(r"\n\s+64\s+15,000\s+1,500\s+10.0x\s+750x\s+1.0 ms\s+30.0 ms", table)
     assert "HF one at a time: 20.0 tok/s" in table
 
 

@@ -124,24 +124,24 @@ def speedup_table(result: dict) -> list[str]:
 
 
 def concurrency_table(result: dict) -> list[str]:
-    """The concurrency sweep: tokens/s of kvlab and HF's padded batch at each request count, the ratio, and
-    each one's median time per output token (TPOT)."""
+    """The concurrency sweep: tokens/s of kvlab and HF's padded batch at each request count, kvlab's speed-up
+    over it (and over HF one at a time, whose rate does not depend on the count), and each one's median time
+    per output token (TPOT)."""
     sweep = result.get("concurrency") or {}
     series = {k: dict(zip(*v)) for k, v in concurrency_series(result).items()}
     if "kvlab" not in series or "hf_padded" not in series:
         return []
-    lines = [f"{'requests':>8} {'kvlab tok/s':>12} {'HF padded tok/s':>16} {'kvlab / HF':>11} "
-             f"{'TPOT p50: kvlab':>16} {'HF padded':>10}"]
+    one = flat_baselines(result).get("hf_one_at_a_time")
+    lines = [f"{'requests':>8} {'kvlab tok/s':>12} {'HF padded tok/s':>16} {'kvlab / HF padded':>18}"
+             + (f" {'kvlab / one at a time':>22}" if one else "") + f" {'TPOT p50: kvlab':>16} {'HF padded':>10}"]
     for n in sorted(series["kvlab"]):
         e = sweep[str(n)]
         k, h = series["kvlab"][n], series["hf_padded"].get(n)
-        tpot = lambda key: f"{1e3 * e[key]:>8.1f} ms" if e.get(key) is not None else f"{'-':>11}"
-        lines.append(f"{n:>8} {k:>12,.0f} {h:>16,.0f} {k / h:>10.1f}x {tpot('kvlab_tpot_p50_s'):>16} "
-                     f"{tpot('hf_padded_tpot_p50_s'):>10}")
-    flat = flat_baselines(result)
-    if "hf_one_at_a_time" in flat:
-        lines.append(f"HF one at a time: {flat['hf_one_at_a_time']:,.1f} tok/s at any concurrency (workload A, "
-                     f"first 8 requests)")
+        tpot = lambda key: f"{1e3 * e[key]:.1f} ms" if e.get(key) is not None else "-"
+        lines.append(f"{n:>8} {k:>12,.0f} {h:>16,.0f} {k / h:>17.1f}x" + (f" {k / one:>21,.0f}x" if one else "")
+                     + f" {tpot('kvlab_tpot_p50_s'):>16} {tpot('hf_padded_tpot_p50_s'):>10}")
+    if one:
+        lines.append(f"HF one at a time: {one:,.1f} tok/s at any concurrency (workload A's first 8 requests)")
     return lines
 
 
