@@ -99,6 +99,7 @@ def test_show_solution_prints_the_solution(capsys):
     show_solution("attention_head")
     out = capsys.readouterr().out
     assert "def attention_head" in out and "solutions/ch01.py" in out
+    assert "@triton.jit" in solution_source("06.3") and "def continuous_steps" in solution_source("static_steps")
     assert exercise("01.1") is exercise("attention_head")
     with pytest.raises(ValueError, match="no exercise"):
         exercise("99.9")
