@@ -105,6 +105,23 @@ def test_show_solution_prints_the_solution(capsys):
         exercise("99.9")
 
 
+def test_stored_greedy_tokens_are_hugging_face_generate_with_no_near_ties():
+    """02.2 compares with 16 tokens of Hugging Face's generate stored in kvlab.exercises.ch02 (so that the check
+    costs one generation, not two): they must be HF's, and no step may be a near-tie that another CPU could
+    break the other way."""
+    from kvlab.exercises.ch02 import SMOLLM2_GREEDY_16
+    from kvlab.exercises.models import PROMPT, smollm2
+
+    lm, _ = smollm2()
+    ids = torch.tensor([lm.encode(PROMPT)])
+    out = lm.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                               do_sample=False, pad_token_id=lm.tokenizer.eos_token_id, output_scores=True,
+                               return_dict_in_generate=True)
+    assert out.sequences[0, ids.shape[1]:].tolist() == SMOLLM2_GREEDY_16
+    margins = [float(top[0, 0] - top[0, 1]) for top in (s.topk(2).values for s in out.scores)]
+    assert min(margins) > 0.1, margins
+
+
 def test_a_check_refuses_what_is_not_a_function():
     from kvlab.exercises import ch03
     verdict = ch03.check_kv_bytes_per_token(46080)
