@@ -47,12 +47,12 @@ _EXPORTS = {
     "SamplingParams": "kvlab.engine",
     "LLM": "kvlab.engine",
     "LLMEngine": "kvlab.engine",
-    "EngineConfig": "kvlab.engine",
+    "EngineArgs": "kvlab.engine",
     "RequestOutput": "kvlab.engine",
     "CompletionOutput": "kvlab.engine",
 }
-_SUBMODULES = ("model", "cache", "memory", "workloads", "fragmentation", "paged", "kernels", "engine", "bench",
-               "ui", "cli")
+_SUBMODULES = ("model", "cache", "memory", "workloads", "fragmentation", "paged", "kernels", "engine", "serve",
+               "bench", "ui", "exercises", "cli")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -198,8 +198,8 @@ def _read_prompts(args, parser: argparse.ArgumentParser) -> list[str]:
 def cmd_generate(args, parser: argparse.ArgumentParser) -> int:
     import time
 
-    from kvlab.engine import LLM, SamplingParams
-    from kvlab.serve.cli import engine_kwargs
+    from kvlab.engine import LLM, EngineArgs, SamplingParams
+    from kvlab.serve.cli import apply_torch_threads, check_engine_flags, engine_kwargs
 
     prompts = _read_prompts(args, parser)
     try:
@@ -210,12 +210,12 @@ def cmd_generate(args, parser: argparse.ArgumentParser) -> int:
         _flag_error(parser, err, {"max_tokens": "--max-tokens", "top_p": "--top-p", "top_k": "--top-k",
                                   "seed": "--sampling-seed", "temperature": "--temperature", "stop": "--stop",
                                   "n": "--n"})
+    check_engine_flags(args, parser)                  # every flag checked before the model loads
+    apply_torch_threads(args)
     try:
         llm = LLM(**engine_kwargs(args))
-    except (ValueError, TypeError) as err:
-        from kvlab.serve.cli import ENGINE_FLAGS
-
-        _flag_error(parser, err, {dest: flag for flag, dest, _, _ in ENGINE_FLAGS})
+    except (ValueError, TypeError) as err:            # what needs the model (memory, max_model_len)
+        parser.error(EngineArgs.flag_message(str(err)))
     if args.chat:
         tok = llm.get_tokenizer()
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,

@@ -13,7 +13,7 @@ import torch
 
 import kvlab
 from kvlab import LLM, SamplingParams
-from kvlab.engine import LLMEngine, EngineConfig, RequestOutputKind
+from kvlab.engine import LLMEngine, EngineArgs, RequestOutputKind
 
 SENTENCES = [
     "The factory production line optimization requires",
@@ -64,7 +64,7 @@ def assert_clean(engine: LLMEngine):
     """Nothing lost, nothing leaked."""
     assert not engine.has_unfinished_requests() and not engine.scheduler.requests
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
-    assert engine.scheduler.num_rows_in_use == 0
+    assert engine.scheduler.num_seqs_in_use == 0
 
 
 CONFIGS = {
@@ -273,7 +273,7 @@ def test_incremental_detokenizer_across_multibyte_characters(smollm2):
 
 def test_abort_mid_generation_frees_blocks_and_spares_the_others(tiny_llama):
     prompts = mixed_prompts(tiny_llama, n=6, seed=3)
-    engine = LLMEngine(EngineConfig(model=tiny_llama, block_size=4))
+    engine = LLMEngine(EngineArgs(model=tiny_llama, block_size=4))
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     for _ in range(4):
@@ -300,7 +300,7 @@ def test_abort_mid_generation_frees_blocks_and_spares_the_others(tiny_llama):
     ([1, 2], dict(n=300), "max_num_seqs"),
 ])
 def test_bad_requests_are_refused_when_added_and_the_engine_keeps_serving(tiny_llama, prompt, params, match):
-    engine = LLMEngine(EngineConfig(model=tiny_llama))
+    engine = LLMEngine(EngineArgs(model=tiny_llama))
     engine.add_request("good", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     engine.step()
     with pytest.raises(ValueError, match=match) as err:
@@ -348,7 +348,7 @@ def test_soak_random_arrivals_and_aborts(tiny_llama):
                 for _ in range(500)]
     arrive = sorted(rng.randrange(0, 400) for _ in requests)
     aborts = {i: arrive[i] + rng.randint(0, 6) for i in rng.sample(range(500), 50)}
-    engine = LLMEngine(EngineConfig(model=tiny_llama, num_kv_blocks=48, block_size=4, max_num_seqs=32,
+    engine = LLMEngine(EngineArgs(model=tiny_llama, num_kv_blocks=48, block_size=4, max_num_seqs=32,
                                     max_num_batched_tokens=96))
     done, nxt, step = {}, 0, 0
     while nxt < len(requests) or engine.has_unfinished_requests():
@@ -364,7 +364,7 @@ def test_soak_random_arrivals_and_aborts(tiny_llama):
     assert engine.scheduler.num_preemptions > 0
     finished = {int(r) for r in done}
     assert finished | set(aborts) == set(range(500))
-    alone = LLMEngine(EngineConfig(model=tiny_llama, max_num_seqs=1, max_num_batched_tokens=64))
+    alone = LLMEngine(EngineArgs(model=tiny_llama, max_num_seqs=1, max_num_batched_tokens=64))
     for i in sorted(finished):
         prompt, n = requests[i]
         alone.add_request("x", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))

@@ -371,7 +371,8 @@ def test_stream_interval_sends_fewer_larger_events_with_the_same_tokens():
 
 @pytest.mark.parametrize("argv, words", [
     (["--port", "70000"], "--port 70000: a port is 0..65535"),
-    (["--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1, got 0"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be an integer in 1..65,536, got 0"),
+    (["--async-scheduling", "--seed", "-1"], "--seed must be an integer in 0..2**64 - 1"),
     (["--max-waiting-requests", "0"], "--max-waiting-requests 0: must be >= 1"),
     (["--torch-threads", "0"], "--torch-threads 0: must be >= 1"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout -1.0: must be >= 0"),

@@ -41,7 +41,7 @@ def xray_script(lm):
             ("D", "def fibonacci(n):", greedy(20), 3)]
 
 
-XRAY_CONFIG = dict(block_size=8, num_kv_blocks=12, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=256)
+XRAY_CONFIG = dict(block_size=8, num_kv_blocks=12, max_num_seqs=4, max_num_batched_tokens=32)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_xray_bad_scripts_are_refused(tiny_llama):
 
 def test_a_refused_request_is_said_once_and_the_rest_run(tiny_llama):
     x = ui.XRay(tiny_llama, [("ok", "Hello", greedy(3)), ("long", "word " * 80, greedy(3))], block_size=4,
-                num_kv_blocks=8, max_model_len=256)
+                num_kv_blocks=8)
     with pytest.raises(ValueError, match="'long'"):
         x.step()
     assert x.refused.keys() == {"long"} and x.snapshots[-1].step == 0
@@ -228,7 +228,7 @@ def test_engine_xray_widget_steps_and_goes_back(tiny_llama):
 
 def test_engine_xray_widget_shows_errors(tiny_llama, monkeypatch):
     w = xray_app.EngineXRay(tiny_llama, [("ok", "Hello", greedy(2)), ("long", "word " * 80, greedy(2))], block_size=4,
-                      num_kv_blocks=8, max_model_len=256)
+                      num_kv_blocks=8)
     w.next()                                                            # the engine refuses 'long' when it arrives
     assert "ValueError: request 'long'" in w.error and "request &#x27;long&#x27;" in w.message.value
     assert w.shown_step == 0

@@ -15,11 +15,14 @@ outputs come back in the order of the prompts. `stream` yields text as it is pro
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 
-from kvlab.engine.config import EngineConfig
+from kvlab import checks
+from kvlab.engine.config import EngineArgs
 from kvlab.engine.llm_engine import LLMEngine
 from kvlab.engine.outputs import RequestOutput
 from kvlab.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -35,17 +38,22 @@ _VLLM_ONLY = {
     "tokenizer_mode": None,
     "revision": None,
 }
+_FIELDS = [f for f in dataclasses.fields(EngineArgs) if f.name != "extra"]
 
 
 class LLM:
-    def __init__(self, model="smollm2-135m", tokenizer=None, *, block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 device: str | None = None, dtype: str | None = None, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 enforce_eager: bool = False, seed: int = 0, **kwargs):
+    """Offline generation with vLLM's API. The keyword arguments are kvlab.EngineArgs' fields
+    (help(kvlab.EngineArgs) says what each does), plus vLLM's that kvlab accepts and ignores.
+
+    The LLM owns its engine (`llm.engine`, as vLLM's `llm.llm_engine`): generate() and stream()
+    step it until their own requests are done. Requests someone else added to the same engine
+    keep running beside them, and their outputs are kept for whoever steps the engine next
+    (LLMEngine.defer_outputs): nothing is lost."""
+
+    def __init__(self, model="smollm2-135m", tokenizer=None, **kwargs):
         if tokenizer is not None and tokenizer != model:
             raise ValueError("kvlab uses the model's own tokenizer; a separate `tokenizer` is not supported")
-        fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"extra"}
+        fields = {f.name for f in _FIELDS}
         engine_kwargs, extra = {}, {}
         for key, value in kwargs.items():
             if key in fields:
@@ -58,13 +66,9 @@ class LLM:
                 extra[key] = value
             else:
                 raise TypeError(f"LLM() got an unexpected keyword argument {key!r}; kvlab accepts "
-                                f"{sorted(fields | set(_VLLM_ONLY))}")
-        self.config = EngineConfig(model=model, block_size=block_size, num_kv_blocks=num_kv_blocks,
-                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   device=device, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                                   enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
-                                   enforce_eager=enforce_eager, seed=seed, extra=extra, **engine_kwargs)
-        self.engine = LLMEngine(self.config)
+                                f"{sorted((fields - {'model'}) | set(_VLLM_ONLY))}")
+        self.args = EngineArgs(model=model, extra=extra, **engine_kwargs)     # every value checked, nothing loaded yet
+        self.engine = LLMEngine(self.args)
         self._counter = itertools.count()
 
     def get_tokenizer(self):
@@ -82,18 +86,22 @@ class LLM:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(ids), desc="Processed prompts", unit="req", dynamic_ncols=True)
-        start, generated = time.perf_counter(), 0
+        start, generated, mine = time.perf_counter(), 0, set(ids)
         try:
             while len(results) < len(ids):
+                others = []
                 for out in self.engine.step():
-                    if out.finished:
+                    if out.request_id not in mine:
+                        others.append(out)                     # someone else's request: kept for them
+                    elif out.finished:
                         results[out.request_id] = out
                         generated += sum(len(o.token_ids) for o in out.outputs)
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix_str(f"output {generated / (time.perf_counter() - start):.1f} tok/s")
+                self.engine.defer_outputs(others)
         except BaseException:
-            self.engine.abort_request([i for i in ids if i not in results and i in self.engine.scheduler.requests])
+            self._abort_left(ids, results)
             raise
         finally:
             if bar is not None:
@@ -114,24 +122,39 @@ class LLM:
         pending = set(ids)
         try:
             while pending:
+                others, mine = [], []
                 for out in self.engine.step():
-                    if out.request_id in pending:
-                        if out.finished:
-                            pending.discard(out.request_id)
-                        yield out
+                    (mine if out.request_id in pending else others).append(out)
+                self.engine.defer_outputs(others)              # someone else's requests: kept for them
+                for out in mine:
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
         finally:                                          # the caller stopped early: free what is left
-            left = [i for i in pending if i in self.engine.scheduler.requests]
-            if left:
-                self.engine.abort_request(left)
+            self._abort_left(pending, {})
 
     # ------------------------------------------------------------------ internals
+    def _abort_left(self, ids, results: dict) -> None:
+        left = [i for i in ids if i not in results and self.engine.has_request(i)]
+        if left:
+            self.engine.abort_request(left)
+
     @staticmethod
     def _as_list(prompts) -> list:
+        """One prompt (text, token ids, a prompt dict) or a list of them -> a list of prompts."""
         if isinstance(prompts, (str, dict)):
             return [prompts]
+        if hasattr(prompts, "ndim") and hasattr(prompts, "tolist"):     # a numpy array or a tensor of ids
+            if prompts.ndim not in (1, 2):
+                raise ValueError(f"prompts as an array must be 1-D (one prompt) or 2-D (one per row) token "
+                                 f"ids, got {prompts.ndim} dimensions")
+            return [prompts.tolist()] if prompts.ndim == 1 else prompts.tolist()
+        if isinstance(prompts, (bytes, numbers.Number)) or prompts is None or not hasattr(prompts, "__iter__"):
+            raise TypeError(f"prompts must be a str, a list of token ids, a prompt dict, or a list of these, "
+                            f"got {checks.shown(prompts)}")
         prompts = list(prompts)
-        if prompts and all(isinstance(t, int) for t in prompts):     # one prompt given as token ids
-            return [prompts]
+        if prompts and all(isinstance(t, numbers.Integral) and not checks._is_bool(t) for t in prompts):
+            return [prompts]                                  # one prompt given as token ids
         return prompts
 
     @staticmethod
@@ -140,6 +163,9 @@ class LLM:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
+        if not isinstance(sampling_params, (list, tuple)):
+            raise TypeError(f"sampling_params must be a kvlab.SamplingParams or a list of them (one per prompt), "
+                            f"got {checks.shown(sampling_params)}")
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts; pass one, "
@@ -147,7 +173,8 @@ class LLM:
         out = []
         for p in sampling_params:
             if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params must be kvlab.SamplingParams, got {type(p).__name__}")
+                raise TypeError(f"sampling_params must be a kvlab.SamplingParams or a list of them, got a list "
+                                f"holding {checks.shown(p)}")
             out.append(dataclasses.replace(p, output_kind=kind))
         return out
 
@@ -156,6 +183,8 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 request_id = str(next(self._counter))
+                while self.engine.has_request(request_id):     # an id someone else chose
+                    request_id = str(next(self._counter))
                 self.engine.add_request(request_id, prompt, p)
                 ids.append(request_id)
         except BaseException:
@@ -163,3 +192,19 @@ class LLM:
                 self.engine.abort_request(ids)                 # all or nothing
             raise
         return ids
+
+
+def _signature() -> inspect.Signature:
+    """LLM(model, tokenizer=None, *, block_size=16, ...): EngineArgs' fields, for help() and editors."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="smollm2-135m"),
+              inspect.Parameter("tokenizer", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    for f in _FIELDS:
+        if f.name != "model":
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+    return inspect.Signature(params)
+
+
+LLM.__init__.__signature__ = _signature()

@@ -1,7 +1,27 @@
-"""The model runner: the KV pool, one forward pass per step, CUDA graphs.
+"""The model runner: the KV pool, one forward pass per step, CUDA graphs, asynchronous outputs.
 
     runner = ModelRunner(model, config, max_model_len)   # sizes and allocates the KV pool
-    sampled = runner.execute(scheduler_output)            # {sequence: token id}
+    pending = runner.execute_model(scheduler_output)      # launches the step; returns at once on a GPU
+    output = pending.get_output()                         # ModelRunnerOutput: sampled ids per sequence
+
+A step in four stages, each a method below:
+
+    _update_states    apply the SchedulerOutput to the persistent batch (kvlab.engine.input_batch):
+                      rows for new sequences, rows freed, block-table entries that moved,
+                      copy-on-write copies. The runner never reads the scheduler's Sequences.
+    _prepare_inputs   the step's flat arrays on the host (token ids, positions, slot mapping,
+                      the rows' lengths, which tokens sample and with what parameters), written
+                      into one pinned buffer and copied to the GPU in one asynchronous transfer
+    _run_model        a CUDA graph (decode-only steps), piecewise graphs (mixed steps) or eager
+    _sample           the sampler on the rows that sample; the ids stay on the GPU, and a
+                      non-blocking copy brings them to the host (`PendingOutput.get_output` waits)
+
+Asynchronous scheduling (vLLM v1, PR 19970). Nothing in a step waits for the GPU until
+`get_output`, so the engine can schedule and prepare step N + 1 while step N runs, then
+collect step N's tokens. Step N + 1 then computes tokens whose ids the host does not know
+yet (each running sequence's token sampled by step N): their input ids are copied on the
+GPU from step N's sampled ids, never through the host. The host work of a step (scheduling,
+inputs, detokenizing outputs) hides under the GPU work of the previous one.
 
 Sizing the pool (vLLM's method, nano-vllm's formula). On a GPU the runner first runs a
 dummy step of `max_num_batched_tokens` tokens and reads the peak memory it needed
@@ -14,31 +34,22 @@ dummy step of `max_num_batched_tokens` tokens and reads the peak memory it neede
 On the CPU the pool is `kv_cache_memory_bytes` (default: enough for every running
 sequence at full length, at most 1 GiB). `num_kv_blocks` overrides both.
 
-A step's inputs are a few flat arrays built with numpy on the host, then copied to the
-device: token ids, positions, slot mapping, the rows' block tables, the indices of the
-tokens that sample. Block tables are not rebuilt each step: each running sequence owns a
-row of a persistent (max_num_seqs, max_blocks) buffer, and only entries that changed
-since the last step are written (a new block, a copy-on-write move), so host work per
-step grows with the batch, not with the context (vLLM v1's BlockTable does the same).
-
 CUDA graphs. A small model's decode step is hundreds of tiny kernels (30 layers x ~12):
 launching them costs more host time than the GPU needs to run them. So at start-up the
 runner captures the whole forward of a decode-only step at a set of batch sizes into
-CUDA graphs (static input buffers, the Triton kernel reading block tables from them); a
-decode step copies its inputs into the buffers of the next captured size up, padding rows
-with slot -1 (nothing written) and length 0 (nothing read), and replays the graph: one
-launch (nano-vllm's capture_cudagraph).
+CUDA graphs, reading their inputs from fixed regions of the step buffer (the Triton kernel
+reads block tables gathered inside the graph); a decode step pads its rows up to the next
+captured size, with slot -1 (nothing written) and length 0 (nothing read), and replays
+the graph: one launch (nano-vllm's capture_cudagraph).
 
 Piecewise CUDA graphs. A step with prefill chunks cannot replay that graph: its rows have
 many queries each, and their number and lengths change every step. Under load almost
-every step is such a mixed step (a request finishes, a waiting one is admitted and
-prefilled beside the decodes), so eager launches would set the pace: about 10 ms of host
-time per step, several times the GPU's work. Only attention cares where the sequences
-start; everything else in a layer works on (N, hidden) rows of tokens. So, as vLLM v1
-does, the runner also captures the forward in pieces cut at the attention calls
-(Transformer.fused_piece: L + 1 pieces for L layers) for a set of token counts N, reading
-and writing static buffers; a mixed step pads its N tokens up to the next captured count,
-replays piece 0, runs attention eagerly on the real tokens, replays piece 1, and so on:
+every step is such a mixed step, so eager launches would set the pace. Only attention cares
+where the sequences start; everything else in a layer works on (N, hidden) rows of tokens.
+So, as vLLM v1 does, the runner also captures the forward in pieces cut at the attention
+calls (Transformer.fused_piece: L + 1 pieces for L layers) for a set of token counts N; a
+mixed step pads its N tokens up to the next captured count, replays piece 0, runs
+attention eagerly on the real tokens, replays piece 1, and so on:
 
     [embed, norm, qkv, rope]  attn 0  [o, add+norm, MLP, add+norm, qkv, rope]  attn 1  ...  [..., final norm]
      graph piece 0            eager    graph piece 1                           eager       graph piece L
@@ -49,17 +60,20 @@ tokens' K/V and outputs, and the LM head reads only the rows that sample.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from kvlab.engine.attention import AttentionMetadata, EngineAttention, GatheredLayout
-from kvlab.engine.config import EngineConfig
-from kvlab.engine.sampler import SamplingBatch, logprobs_of, sample
+from kvlab.engine.config import EngineArgs
+from kvlab.engine.input_batch import InputBatch
+from kvlab.engine.sampler import SamplingBatch, logprobs_of, sample, sample_generator
 from kvlab.engine.scheduler import SchedulerOutput
+from kvlab.engine.sequence import SeqId
 from kvlab.model.attention import causal_attention
 from kvlab.paged.kv_cache import PagedKVCache
 
@@ -67,19 +81,130 @@ GiB = 1 << 30
 CPU_DEFAULT_KV_BYTES = 1 * GiB
 
 
+# ---------------------------------------------------------------------------- what a step returns
 @dataclass
-class StepResult:
-    sampled: dict                        # Sequence -> token id
-    logprobs: dict                       # Sequence -> (chosen logprob, {token: logprob}) if asked
-    prepare_time: float                  # seconds building inputs on the host
-    forward_time: float                  # seconds from launch until the tokens are on the host
-    device_time: float | None            # GPU seconds (CUDA events), None on the CPU
-    cuda_graph: bool                     # the whole forward replayed one graph (a decode-only step)
+class StepTiming:
+    """Where one step's time went (seconds, time.perf_counter), as the runner saw it."""
+    prepare_start: float = 0.0           # the runner got the SchedulerOutput
+    launch_start: float = 0.0            # inputs built and copied: the forward pass is being launched
+    launch_end: float = 0.0              # forward + sampler launched (on the CPU: computed)
+    wait_start: float = 0.0              # get_output() began waiting for the sampled ids
+    wait_end: float = 0.0                # the ids are on the host
+    device_start: float | None = None    # the GPU began / finished the step (CUDA events, on the host clock)
+    device_end: float | None = None
+    cuda_graph: bool = False             # the forward replayed one captured graph (a decode-only step)
     piecewise: bool = False              # a mixed step: graph pieces, attention eager in between
+
+    @property
+    def prepare_time(self) -> float:
+        return self.launch_start - self.prepare_start
+
+    @property
+    def launch_time(self) -> float:
+        return self.launch_end - self.launch_start
+
+    @property
+    def wait_time(self) -> float:
+        return self.wait_end - self.wait_start
+
+    @property
+    def device_time(self) -> float | None:
+        return None if self.device_start is None else self.device_end - self.device_start
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One step's result, plain data for Scheduler.update_from_output (vLLM v1's ModelRunnerOutput)."""
+    seq_ids: list[SeqId]                                       # the sequences that sampled, in order
+    sampled_token_ids: list[int]                               # one per sequence
+    logprobs: list[tuple[float, dict[int, float]] | None]      # per sequence: (chosen, top-k), if it asked
+    failed: dict[SeqId, str] = field(default_factory=dict)     # new sequences the runner could not take
+    timing: StepTiming = field(default_factory=StepTiming)
+
+    @property
+    def sampled(self) -> dict[SeqId, int]:
+        return dict(zip(self.seq_ids, self.sampled_token_ids))
+
+
+class PendingOutput:
+    """A launched step whose sampled ids are on their way to the host (vLLM's AsyncModelRunnerOutput).
+    get_output() waits for them (only for them: the GPU may already run the next step)."""
+
+    def __init__(self, runner: "ModelRunner", seq_ids, tokens, logprobs, asked, failed, timing, events):
+        self._runner, self._seq_ids, self._tokens, self._logprobs = runner, seq_ids, tokens, logprobs
+        self._asked, self._failed, self._timing, self._events = asked, failed, timing, events
+        self._output: ModelRunnerOutput | None = None
+
+    def get_output(self) -> ModelRunnerOutput:
+        if self._output is not None:
+            return self._output
+        timing = self._timing
+        timing.wait_start = time.perf_counter()
+        if self._events is not None:
+            self._events[2].synchronize()                  # the ids (and logprobs) are in host memory
+        token_list = self._tokens.tolist()
+        timing.wait_end = time.perf_counter()
+        if self._events is not None:
+            timing.device_start, timing.device_end = self._runner.host_times(*self._events[:2])
+        self._runner.batch.record_sampled(self._seq_ids, token_list)
+        logprobs = [None] * len(self._seq_ids)
+        if self._logprobs is not None:
+            chosen, top_ids, top_vals = (t.tolist() for t in self._logprobs)
+            for i, k in enumerate(self._asked):
+                if k >= 0:
+                    logprobs[i] = (chosen[i], dict(zip(top_ids[i][:k], top_vals[i][:k])))
+        self._output = ModelRunnerOutput(self._seq_ids, token_list, logprobs, self._failed, timing)
+        return self._output
+
+
+# ---------------------------------------------------------------------------- one step's inputs
+class StepBuffer:
+    """One step's inputs as regions of one int32 buffer: written on the host (pinned memory on a
+    GPU machine), copied to the device in one asynchronous transfer. The regions sit at fixed
+    offsets, so CUDA graphs captured on the device regions read each step's inputs in place.
+    `host[name]` / `device[name]` are the views; float regions are int32 bits viewed as float32."""
+
+    def __init__(self, max_tokens: int, max_rows: int, device: torch.device):
+        t, r = max_tokens, max_rows
+        sizes = {"ids": t, "positions": t, "slots": t,        # per token
+                 "rows": r, "seq_lens": r, "context_lens": r, "query_start": r + 1,   # per scheduled row
+                 "logits_indices": r, "temperature": r, "top_p": r, "top_k": r,   # per sampling sequence
+                 "placeholder_dst": r, "placeholder_src": r}  # decode tokens whose ids are on the GPU
+        on_cpu = device.type == "cpu"
+        host = torch.zeros(sum(sizes.values()), dtype=torch.int32, pin_memory=not on_cpu)
+        self._host_t = host
+        self._device_t = host if on_cpu else torch.zeros_like(host, device=device)
+        self.on_cpu = on_cpu
+        self.host, self.device, start = {}, {}, 0
+        for name, size in sizes.items():
+            self.host[name] = host.numpy()[start:start + size]
+            self.device[name] = self._device_t[start:start + size]
+            start += size
+        for name in ("temperature", "top_p"):
+            self.host[name] = self.host[name].view(np.float32)
+            self.device[name] = self.device[name].view(torch.float32)
+
+    def copy_to_device(self) -> None:
+        if not self.on_cpu:
+            self._device_t.copy_(self._host_t, non_blocking=True)
+
+
+@dataclass
+class StepInputs:
+    """The host-side facts of one step that the stages after _prepare_inputs need."""
+    seq_ids: list[SeqId]                 # scheduled sequences, one-token rows first
+    rows: np.ndarray                     # their batch rows
+    num_new: np.ndarray                  # tokens each computes
+    context: np.ndarray                  # tokens each had cached before the step
+    num_tokens: int
+    num_decode: int                      # the first rows: one token each
+    sampling: list[SeqId]                # sequences that sample (forked samples after their parent)
+    num_placeholders: int                # tokens whose ids come from the last step's sampled ids, on the device
+    graph_size: int = 0                  # the captured batch size a decode-only step replays (0: none)
 
 
 class ModelRunner:
-    def __init__(self, model, config: EngineConfig, max_model_len: int):
+    def __init__(self, model, config: EngineArgs, max_model_len: int):
         self.model = model
         self.config = config
         self.spec = model.spec
@@ -96,15 +221,24 @@ class ModelRunner:
         fused = config.fused_kernels
         if fused or (fused is None and self.is_cuda and model.can_fuse()):
             model.use_fused_kernels()                     # ~12 kernels per layer instead of ~40
-        self.fused_kernels = model._fused is not None
+        self.fused_kernels = model.fused
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.profile_peak_bytes = 0
         self.num_blocks = config.num_kv_blocks or self._size_kv_pool()
         self.cache = PagedKVCache.from_spec(self.spec, self.num_blocks, self.block_size, dtype=self.dtype,
                                             device=self.device)
         self.attn = EngineAttention(self.cache, self.backend)
-        self.tables = np.zeros((config.max_num_seqs, self.max_blocks), dtype=np.int32)  # row per running seq
+        self.batch = InputBatch(config.max_num_seqs, max_model_len, self.max_blocks, self.spec.vocab_size,
+                                self.device, functools.partial(sample_generator, device=self.device))
+        self.buf = StepBuffer(config.max_num_batched_tokens, config.max_num_seqs, self.device)
+        self._inputs_copied: torch.cuda.Event | None = None   # the last step's host-to-device copy
+        self._last_sampled: tuple[dict[SeqId, int], torch.Tensor] | None = None   # last step's ids, on the device
+        if self.is_cuda:                                 # GPU times on the host clock: one reference point
+            torch.cuda.synchronize()
+            self._ref_event, self._ref_time = torch.cuda.Event(enable_timing=True), time.perf_counter()
+            self._ref_event.record()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_sizes: list[int] = []
         self.pieces: dict[int, list] = {}                # token count -> L + 1 callables (graph replays)
         self.graph_capture_time = 0.0
         if self.is_cuda and not config.enforce_eager and self.backend == "triton":
@@ -117,133 +251,186 @@ class ModelRunner:
         s = self.spec
         return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
 
+    def host_times(self, start: torch.cuda.Event, end: torch.cuda.Event) -> tuple[float, float]:
+        """When two CUDA events happened, on the host's perf_counter clock."""
+        return (self._ref_time + self._ref_event.elapsed_time(start) / 1e3,
+                self._ref_time + self._ref_event.elapsed_time(end) / 1e3)
+
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        t0 = time.perf_counter()
+    def execute_model(self, out: SchedulerOutput) -> PendingOutput:
+        """Launch the step `out` describes; returns before the GPU has finished it."""
+        timing = StepTiming(prepare_start=time.perf_counter())
+        if self._inputs_copied is not None:                # the pinned buffers may be written again
+            self._inputs_copied.synchronize()
+        failed = self._update_states(out)
+        step = self._prepare_inputs(out)
+        timing.launch_start = time.perf_counter()
+        if step is None:                                   # every sequence of the step failed to join
+            empty = torch.empty(0, dtype=torch.long)
+            timing.launch_end = time.perf_counter()
+            return PendingOutput(self, [], empty, None, [], failed, timing, None)
+        events = None
+        if self.is_cuda:                                   # the step on the GPU: from the inputs to the ids
+            events = tuple(torch.cuda.Event(enable_timing=i < 2) for i in range(3))
+            events[0].record()
+        self.buf.copy_to_device()
+        self.batch.tables.sync(self.batch.num_rows)
+        if self.is_cuda:
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+        logits = self._run_model(step, timing)
+        tokens, logprobs, asked = self._sample(logits, step)
+        self._last_sampled = ({s: i for i, s in enumerate(step.sampling)}, tokens)
+        if self.is_cuda:
+            events[1].record()
+            tokens = tokens.to("cpu", non_blocking=True)   # into pinned memory; nobody waits here
+            if logprobs is not None:
+                logprobs = tuple(t.to("cpu", non_blocking=True) for t in logprobs)
+            events[2].record()
+        timing.launch_end = time.perf_counter()
+        return PendingOutput(self, step.sampling, tokens, logprobs, asked, failed, timing, events)
+
+    def _update_states(self, out: SchedulerOutput) -> dict[SeqId, str]:
+        """Apply the scheduler's changes to the persistent batch. Returns the new sequences that could
+        not join (their request fails; the others run)."""
+        batch = self.batch
+        for seq_id in out.finished_seq_ids + out.preempted_seq_ids:
+            batch.remove(seq_id)
+        failed = {}
+        for new in out.new_seqs:
+            try:
+                batch.add(new)
+            except Exception as err:                       # noqa: BLE001 -- this request fails, the step goes on
+                failed[new.seq_id] = f"{type(err).__name__}: {err}"
+        for seq_id, (start, block_ids) in out.block_updates.items():
+            row = batch.row_of.get(seq_id)
+            if row is not None:
+                batch.tables.apply(row, start, block_ids)
         self.cache.copy_blocks(out.copies)                 # copy-on-write, before any new write
-        items = out.scheduled
-        n_rows = len(items)
-        num_new = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=n_rows)
-        context = np.fromiter((it.seq.num_computed_tokens for it in items), dtype=np.int64, count=n_rows)
-        rows = np.fromiter((it.seq.row for it in items), dtype=np.int64, count=n_rows)
-        self._sync_block_tables(items)
+        return failed
+
+    def _prepare_inputs(self, out: SchedulerOutput) -> StepInputs | None:
+        """The step's flat arrays, written into the pinned step buffer (one copy to the device)."""
+        batch, bs, h = self.batch, self.block_size, self.buf.host
+        seq_ids = [s for s in out.num_scheduled_tokens if s in batch.row_of]
+        if not seq_ids:
+            return None
+        n_rows = len(seq_ids)
+        rows = np.fromiter((batch.row_of[s] for s in seq_ids), dtype=np.int64, count=n_rows)
+        num_new = np.fromiter((out.num_scheduled_tokens[s] for s in seq_ids), dtype=np.int64, count=n_rows)
+        context = np.fromiter((out.num_computed_tokens[s] for s in seq_ids), dtype=np.int64, count=n_rows)
         ends = np.cumsum(num_new)
         starts = ends - num_new
         n_tokens = int(ends[-1])
-        ids = np.empty(n_tokens, dtype=np.int64)
-        for it, a, c, n in zip(items, starts.tolist(), context.tolist(), num_new.tolist()):
-            ids[a:a + n] = it.seq.token_ids[c:c + n] if n > 1 else it.seq.token_ids[c]
-        positions = np.arange(n_tokens) - np.repeat(starts - context, num_new)
-        token_rows = np.repeat(rows, num_new)
-        slots = self.tables[token_rows, positions // self.block_size].astype(np.int64) * self.block_size \
-            + positions % self.block_size
-        # the rows that sample, and which logits row each sampling sequence reads (n > 1: shared)
-        sampling, logit_rows = [], []
-        for i, it in enumerate(items):
-            if it.samples:
-                for seq in (it.seq, *it.children):
-                    sampling.append(seq)
-                    logit_rows.append(i)
         num_decode = int(np.searchsorted(num_new, 2))      # one-token rows come first
+        positions = np.arange(n_tokens) - np.repeat(starts - context, num_new)       # (N,)
+        token_rows = np.repeat(rows, num_new)                                       # (N,)
+        h["ids"][:n_tokens] = batch.token_ids[token_rows, positions]
+        h["positions"][:n_tokens] = positions
+        h["slots"][:n_tokens] = batch.tables.host[token_rows, positions // bs] * bs + positions % bs
+        # tokens whose ids are not on the host: each running sequence's token sampled by the last
+        # step, not collected yet (asynchronous scheduling); the device copies them from its ids
+        unknown = np.flatnonzero(positions >= batch.num_known[token_rows])
+        if len(unknown):
+            index, sampled = self._last_sampled
+            h["placeholder_dst"][:len(unknown)] = unknown
+            h["placeholder_src"][:len(unknown)] = [index[seq_ids[i]] for i in np.searchsorted(ends, unknown, "right")]
         seq_lens = context + num_new
+        h["rows"][:n_rows], h["seq_lens"][:n_rows], h["context_lens"][:n_rows] = rows, seq_lens, context
+        h["query_start"][:n_rows - num_decode + 1] = np.concatenate([[0], np.cumsum(num_new[num_decode:])])
+        # the sequences that sample: this step computes their last token (forked samples: the same row)
+        children: dict[SeqId, list[SeqId]] = {}
+        for new in out.new_seqs:
+            if new.sample_from is not None and new.seq_id in batch.row_of:
+                children.setdefault(new.sample_from, []).append(new.seq_id)
+        samples = seq_lens == batch.num_tokens[rows]
+        sampling, logit_rows = [], []
+        for i in np.flatnonzero(samples).tolist():
+            for s in (seq_ids[i], *children.get(seq_ids[i], ())):
+                sampling.append(s)
+                logit_rows.append(ends[i] - 1)
+        sample_rows = np.fromiter((batch.row_of[s] for s in sampling), dtype=np.int64, count=len(sampling))
+        batch.num_tokens[sample_rows] += 1                 # the token being sampled: pending until get_output
+        k = len(sampling)
+        h["logits_indices"][:k] = logit_rows
+        h["temperature"][:k] = batch.temperature[sample_rows]
+        h["top_p"][:k] = batch.top_p[sample_rows]
+        h["top_k"][:k] = batch.top_k[sample_rows]
+        step = StepInputs(seq_ids, rows, num_new, context, n_tokens, num_decode, sampling, len(unknown))
+        step.graph_size = self._graph_size(n_rows, num_decode)
+        if step.graph_size:                                # pad to the captured size: nothing written or read
+            pad = slice(n_rows, step.graph_size)
+            h["ids"][pad], h["positions"][pad], h["slots"][pad] = 0, 0, -1
+            h["rows"][pad], h["seq_lens"][pad] = 0, 0
+        return step
 
-        graph_bs = self._graph_size(n_rows, num_decode)
-        if self.is_cuda:                                   # GPU timeline from the first copy to the tokens
-            start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start_ev.record()
-        if graph_bs:
-            self._fill_graph_inputs(graph_bs, ids, positions, slots, rows, seq_lens)
-            t1 = time.perf_counter()
-            graph, logits = self.graphs[graph_bs]
+    def _run_model(self, step: StepInputs, timing: StepTiming) -> torch.Tensor:
+        """Logits (len(step.sampling), vocab) of the tokens that sample."""
+        d, n = self.buf.device, step.num_tokens
+        if step.num_placeholders:                          # last step's sampled ids, copied on the device
+            k = step.num_placeholders
+            _, sampled = self._last_sampled
+            d["ids"].index_copy_(0, d["placeholder_dst"][:k].long(),
+                                 sampled.index_select(0, d["placeholder_src"][:k].long()).to(torch.int32))
+        logits_indices = d["logits_indices"][:len(step.sampling)]
+        if step.graph_size:
+            timing.cuda_graph = True
+            graph, logits = self.graphs[step.graph_size]
             graph.replay()
-            logits = logits[:n_rows]
-        else:
-            dev = lambda a, dtype=torch.long: torch.from_numpy(a).to(self.device, dtype=dtype, non_blocking=True)
-            md = AttentionMetadata(dev(slots), num_decode)
-            width = int((seq_lens.max() + self.block_size - 1) // self.block_size)
-            if num_decode:
-                tables = self.tables[rows[:num_decode], :width]
-                if self.backend == "triton":
-                    md.decode_block_tables = dev(np.ascontiguousarray(tables), torch.int32)
-                    md.decode_seq_lens = dev(seq_lens[:num_decode], torch.int32)
-                else:
-                    md.decode_layout = GatheredLayout.build(starts[:num_decode], num_new[:num_decode],
-                                                            context[:num_decode], tables, self.block_size,
-                                                            self.device)
-            if num_decode < n_rows and self.backend == "triton":
-                chunks = num_new[num_decode:]
-                md.prefill_block_tables = dev(np.ascontiguousarray(self.tables[rows[num_decode:], :width]), torch.int32)
-                md.prefill_query_start = dev(np.concatenate([[0], np.cumsum(chunks)]), torch.int32)
-                md.prefill_context_lens = dev(context[num_decode:], torch.int32)
-                md.prefill_max_query_len = int(chunks.max())
-            elif num_decode < n_rows:
-                md.prefill_layout = GatheredLayout.build(starts[num_decode:] - starts[num_decode],
-                                                         num_new[num_decode:], context[num_decode:],
-                                                         self.tables[rows[num_decode:], :width], self.block_size,
-                                                         self.device)
-            self.attn.metadata = md
-            sample_rows = dev((ends - 1)[np.array(logit_rows, dtype=np.int64)])   # none: no LM head at all
-            piece_size = self._piece_size(n_tokens)
-            if piece_size:
-                self._fill_piece_inputs(ids, positions)
-                t1 = time.perf_counter()
-                logits = self._run_pieces(piece_size, n_tokens, sample_rows)
-            else:
-                ids_t, pos_t = dev(ids), dev(positions)
-                t1 = time.perf_counter()
-                logits = self.model.forward(ids_t, pos_t, self.attn, logits_indices=sample_rows)
-            logit_rows = list(range(len(sampling)))
-        tokens, logprobs = self._sample(logits, logit_rows, sampling)
-        if self.is_cuda:
-            end_ev.record()
-        token_list = tokens.tolist()                        # the one device-to-host sync of the step
-        device_time = start_ev.elapsed_time(end_ev) / 1e3 if self.is_cuda else None
-        t2 = time.perf_counter()
-        return StepResult(dict(zip(sampling, token_list)), logprobs, t1 - t0, t2 - t1, device_time, bool(graph_bs),
-                          piecewise=not graph_bs and bool(piece_size))
+            return logits.index_select(0, logits_indices)
+        self.attn.metadata = self._attention_metadata(step)
+        piece_size = self._piece_size(n)
+        if piece_size:
+            timing.piecewise = True
+            return self._run_pieces(piece_size, n, logits_indices)
+        return self.model.forward(d["ids"][:n], d["positions"][:n], self.attn, logits_indices=logits_indices)
 
-    def _sync_block_tables(self, items) -> None:
-        """Copy into the persistent buffer only the table entries that changed since last step."""
-        for it in items:
-            seq = it.seq
-            table, synced = seq.block_table, seq.table_synced
-            if synced < len(table):
-                self.tables[seq.row, synced:len(table)] = table[synced:]
-                seq.table_synced = len(table)
-            for child in it.children:                      # forked after this step: same table
-                self.tables[child.row, :len(table)] = self.tables[seq.row, :len(table)]
-                child.table_synced = len(table)
+    def _attention_metadata(self, step: StepInputs) -> AttentionMetadata:
+        """Where this step's tokens go and what each row attends to (kvlab.engine.attention)."""
+        d, nd, nr = self.buf.device, step.num_decode, len(step.seq_ids)
+        slots = d["slots"][:step.num_tokens]
+        md = AttentionMetadata(slots if self.is_cuda else slots.long(), nd)   # the CPU scatter takes int64
+        width = int((step.context + step.num_new).max() + self.block_size - 1) // self.block_size
+        if self.backend == "triton":                       # the kernels read the tables on the device
+            tables = self.batch.tables.device
+            if nd:
+                md.decode_block_tables = tables.index_select(0, d["rows"][:nd])[:, :width]
+                md.decode_seq_lens = d["seq_lens"][:nd]
+            if nd < nr:
+                md.prefill_block_tables = tables.index_select(0, d["rows"][nd:nr])[:, :width]
+                md.prefill_query_start = d["query_start"][:nr - nd + 1]
+                md.prefill_context_lens = d["context_lens"][nd:nr]
+                md.prefill_max_query_len = int(step.num_new[nd:].max())
+            return md
+        starts = np.cumsum(step.num_new) - step.num_new  # gather + SDPA: a padded layout from the host tables
+        host_tables = self.batch.tables.host[step.rows, :width]
+        if nd:
+            md.decode_layout = GatheredLayout.build(starts[:nd], step.num_new[:nd], step.context[:nd],
+                                                    host_tables[:nd], self.block_size, self.device)
+        if nd < nr:
+            md.prefill_layout = GatheredLayout.build(starts[nd:] - starts[nd], step.num_new[nd:], step.context[nd:],
+                                                     host_tables[nd:], self.block_size, self.device)
+        return md
 
-    def _sample(self, logits: torch.Tensor, logit_rows: list[int], sampling: list) -> tuple[torch.Tensor, dict]:
-        if not sampling:
-            return torch.empty(0, dtype=torch.long), {}
-        if logit_rows != list(range(len(logit_rows))):
-            logits = logits[torch.tensor(logit_rows, device=logits.device)]
-        params = [s.params for s in sampling]
-        all_greedy = all(p.temperature == 0 for p in params)
-        batch = SamplingBatch(
-            temperature=torch.tensor([p.temperature for p in params], device=self.device),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=self.device),
-            top_p=torch.tensor([p.top_p for p in params], device=self.device),
-            generators=[(i, s.generator) for i, s in enumerate(sampling) if s.generator is not None],
-            all_greedy=all_greedy,
-            needs_filter=any(p.top_k > 0 or p.top_p < 1 for p in params if p.temperature > 0),
-            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
-        ) if not all_greedy else SamplingBatch(None, None, None, [], True, False,
-                                               max((p.logprobs for p in params if p.logprobs is not None),
-                                                   default=-1))
-        tokens = sample(logits, batch, self.generator)
-        logprobs = {}
-        if batch.num_logprobs >= 0:
-            chosen, top_ids, top_vals = logprobs_of(logits, tokens, batch.num_logprobs)
-            chosen, top_ids, top_vals = chosen.tolist(), top_ids.tolist(), top_vals.tolist()
-            for i, s in enumerate(sampling):
-                k = s.params.logprobs
-                if k is not None:
-                    tops = dict(zip(top_ids[i][:k], top_vals[i][:k]))
-                    logprobs[s] = (chosen[i], tops)
-        return tokens, logprobs
+    def _sample(self, logits: torch.Tensor, step: StepInputs):
+        """Token ids (on the device) for step.sampling; logprob tensors if any sequence asked."""
+        k, d, batch = len(step.sampling), self.buf.device, self.batch
+        if k == 0:
+            return torch.empty(0, dtype=torch.long, device=self.device), None, []
+        rows = [batch.row_of[s] for s in step.sampling]
+        temperature = batch.temperature[rows]
+        asked = batch.num_logprobs[rows].tolist()
+        sampling = SamplingBatch(
+            temperature=d["temperature"][:k], top_k=d["top_k"][:k], top_p=d["top_p"][:k],
+            generators=[(i, batch.generators[r]) for i, r in enumerate(rows) if batch.generators[r] is not None],
+            all_greedy=bool((temperature == 0).all()),
+            needs_filter=bool(((temperature > 0) & ((batch.top_k[rows] < self.spec.vocab_size)
+                                                    | (batch.top_p[rows] < 1))).any()),
+            num_logprobs=max(asked))
+        tokens = sample(logits, sampling, self.generator)
+        logprobs = logprobs_of(logits, tokens, sampling.num_logprobs) if sampling.num_logprobs >= 0 else None
+        return tokens, logprobs, asked
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_size(self, n_rows: int, num_decode: int) -> int:
@@ -256,46 +443,30 @@ class ModelRunner:
         return 0
 
     def _capture_cuda_graphs(self) -> None:
+        """A graph per decode batch size: gather the rows' block tables, then the whole forward,
+        reading the step buffer's regions (ids, positions, slots, lengths, rows) in place."""
         t0 = time.perf_counter()
         self.graph_sizes = self.config.graph_batch_sizes()
-        largest = self.graph_sizes[-1]
-        dev = self.device
-        # The graphs' inputs: one int32 buffer on the GPU, [ids | positions | slots | lengths | tables],
-        # each region `largest` rows long, filled each step by ONE copy from a pinned host mirror.
-        w = self.max_blocks
-        self.g_buf = torch.zeros(largest * (4 + w), dtype=torch.int32, device=dev)
-        self.g_host = torch.zeros(largest * (4 + w), dtype=torch.int32, pin_memory=True)
-        self.g_host_np = self.g_host.numpy()
-        region = lambda t, i: t[i * largest:(i + 1) * largest]
-        self.g_ids, self.g_pos, self.g_slots, self.g_lens = (region(self.g_buf, i) for i in range(4))
-        self.g_tables = self.g_buf[4 * largest:].view(largest, w)
-        self.g_largest = largest
+        d = self.buf.device
+        self.graph_tables = torch.zeros(self.graph_sizes[-1], self.max_blocks, dtype=torch.int32, device=self.device)
         pool = None
-        for bs in reversed(self.graph_sizes):                # largest first: the others reuse its memory
-            md = AttentionMetadata(self.g_slots[:bs], bs, self.g_tables[:bs], self.g_lens[:bs])
-            self.attn.metadata = md
-            self.model.forward(self.g_ids[:bs], self.g_pos[:bs], self.attn)      # warm up (Triton compiles)
+        for bs in reversed(self.graph_sizes):              # largest first: the others reuse its memory
+            tables = self.graph_tables[:bs]
+            self.attn.metadata = AttentionMetadata(d["slots"][:bs], bs, tables, d["seq_lens"][:bs])
+
+            def decode_step():
+                torch.index_select(self.batch.tables.device, 0, d["rows"][:bs], out=tables)
+                return self.model.forward(d["ids"][:bs], d["positions"][:bs], self.attn)   # (bs, vocab)
+
+            decode_step()                                  # warm up (Triton compiles)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.forward(self.g_ids[:bs], self.g_pos[:bs], self.attn)   # (bs, vocab)
+                logits = decode_step()
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = (graph, logits)
         torch.cuda.synchronize()
         self.graph_capture_time = time.perf_counter() - t0
-
-    def _fill_graph_inputs(self, bs: int, ids, positions, slots, rows, seq_lens) -> None:
-        """Write the step's inputs into the pinned mirror (padding rows: slot -1, length 0: nothing
-        written, nothing read), then copy it to the graphs' buffer in one asynchronous transfer."""
-        n, big, h = len(ids), self.g_largest, self.g_host_np
-        h[:n] = ids
-        h[big:big + n] = positions
-        h[2 * big:2 * big + n] = slots
-        h[2 * big + n:2 * big + bs] = -1
-        h[3 * big:3 * big + n] = seq_lens
-        h[3 * big + n:3 * big + bs] = 0
-        h[4 * big:].reshape(big, self.max_blocks)[:n] = self.tables[rows]
-        self.g_buf.copy_(self.g_host, non_blocking=True)
 
     # ------------------------------------------------------------------ piecewise CUDA graphs
     def _piece_size(self, n_tokens: int) -> int:
@@ -307,19 +478,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _build_pieces(self, capture: bool) -> None:
-        """Static buffers for steps of up to T tokens, and for each token count N the forward's
-        L + 1 pieces on the first N rows of those buffers, captured as CUDA graphs (all sharing
-        one memory pool: a piece keeps nothing in it, everything it hands on is copied out to
-        the static buffers). capture=False keeps the pieces as plain calls: the same path, eager
-        (how the CPU tests check it)."""
+        """For each token count N, the forward's L + 1 pieces on the first N rows of static buffers
+        (the step buffer's ids and positions; attention's output, q k v and the residual stream
+        here), captured as CUDA graphs (all sharing one memory pool: a piece keeps nothing in it,
+        everything it hands on is copied out to the static buffers). capture=False keeps the
+        pieces as plain calls: the same path, eager (how the CPU tests check it)."""
         t0 = time.perf_counter()
         m, dev, dt = self.model, self.device, self.dtype
         sizes = self.config.piece_token_sizes()
         big = sizes[-1]
-        self.p_buf = torch.zeros(2 * big, dtype=torch.int32, device=dev)          # [ids | positions]
-        self.p_host = torch.zeros(2 * big, dtype=torch.int32, pin_memory=self.is_cuda)
-        self.p_host_np = self.p_host.numpy()
-        self.p_ids, self.p_pos = self.p_buf[:big], self.p_buf[big:]
         self.p_attn = torch.zeros(big, m.num_heads, m.head_dim, dtype=dt, device=dev)     # attention's output
         self.p_qkv = torch.zeros(big, (m.num_heads + 2 * m.num_kv_heads) * m.head_dim, dtype=dt, device=dev)
         self.p_residual = torch.zeros(big, m.embed_tokens.shape[1], dtype=dt, device=dev)
@@ -347,8 +514,8 @@ class ModelRunner:
 
     def _piece_call(self, j: int, n: int):
         """Piece j on the first n rows of the static buffers (Transformer.fused_piece)."""
-        m = self.model
-        ids, pos, attn_out, residual = self.p_ids[:n], self.p_pos[:n], self.p_attn[:n], self.p_residual[:n]
+        m, d = self.model, self.buf.device
+        ids, pos, attn_out, residual = d["ids"][:n], d["positions"][:n], self.p_attn[:n], self.p_residual[:n]
         out = self.p_hidden[:n] if j == len(m.layers) else self.p_qkv[:n]
 
         def call():
@@ -360,21 +527,16 @@ class ModelRunner:
             out.copy_(x)
         return call
 
-    def _fill_piece_inputs(self, ids, positions) -> None:
-        n, big, h = len(ids), len(self.p_ids), self.p_host_np
-        h[:n] = ids
-        h[big:big + n] = positions
-        self.p_buf.copy_(self.p_host, non_blocking=True)
-
-    def _run_pieces(self, size: int, n: int, sample_rows: torch.Tensor) -> torch.Tensor:
+    def _run_pieces(self, size: int, n: int, logits_indices: torch.Tensor) -> torch.Tensor:
         """One mixed step: the pieces for `size` tokens, attention on the n real ones in between."""
-        pieces, qkv, attn_out, pos = self.pieces[size], self.p_qkv[:n], self.p_attn[:n], self.p_pos[:n]
+        pieces, qkv, attn_out = self.pieces[size], self.p_qkv[:n], self.p_attn[:n]
+        pos = self.buf.device["positions"][:n]
         pieces[0]()
         for i in range(len(pieces) - 1):
             q, k, v = self.model.split_qkv(qkv)
             self.attn(i, q, k, v, pos, out=attn_out)
             pieces[i + 1]()
-        return self.model.lm_head(self.p_hidden[:n][sample_rows])
+        return self.model.lm_head(self.p_hidden[:n][logits_indices])
 
     # ------------------------------------------------------------------ sizing the pool
     def _size_kv_pool(self) -> int:
@@ -411,7 +573,9 @@ class ModelRunner:
         attend = lambda i, q, k, v, pos: causal_attention(i, q[None], k[None], v[None], pos[None])[0]
         logits = self.model.forward(ids, positions, attend, logits_indices=rows)
         r = logits.shape[0]
-        batch = SamplingBatch(torch.ones(r, device=self.device), torch.full((r,), 50, device=self.device),
-                              torch.full((r,), 0.9, device=self.device), [], False, True, -1)
+        batch = SamplingBatch(temperature=torch.ones(r, device=self.device),
+                              top_k=torch.full((r,), 50, device=self.device),
+                              top_p=torch.full((r,), 0.9, device=self.device), generators=[], all_greedy=False,
+                              needs_filter=True, num_logprobs=-1)
         sample(logits, batch, self.generator)
         torch.cuda.synchronize()

@@ -90,13 +90,19 @@ class StepStats:
     num_blocks_used: int            # KV blocks held once the scheduler decided (finishers still hold theirs)
     num_preempted: int              # sequences preempted this step
     schedule_time: float = 0.0      # seconds: the scheduler's decisions
-    prepare_time: float = 0.0       # seconds: building the step's metadata tensors (host)
-    forward_time: float = 0.0       # seconds: forward + sampling, wall clock until the tokens are on the host
-    device_time: float | None = None   # seconds of GPU time for forward + sampling (CUDA events), None on CPU
-    output_time: float = 0.0        # seconds: appending tokens, stop checks, detokenizing
+    prepare_time: float = 0.0       # seconds: applying them to the runner's batch, building the step's inputs
+    launch_time: float = 0.0        # seconds: launching forward + sampling (on the CPU: computing them)
+    wait_time: float = 0.0          # seconds the host waited for the sampled ids
+    forward_time: float = 0.0       # launch_time + wait_time: from launch until the tokens are on the host
+    device_time: float | None = None   # seconds of GPU time for the step (CUDA events), None on CPU
+    output_time: float = 0.0        # seconds: appending tokens, stop checks, detokenizing, outputs
     cuda_graph: bool = False        # the forward replayed a captured CUDA graph
     piecewise_graph: bool = False   # a mixed step: captured graph pieces, attention eager between them
+    async_scheduling: bool = False  # this step was scheduled while the previous one ran
+    admission_stop: str | None = None   # why the scheduler stopped admitting (SchedulerOutput.admission_stop)
     scheduled: list = field(default_factory=list, repr=False)   # [(seq_id, num_new_tokens)], for timelines
+    spans: dict = field(default_factory=dict, repr=False)       # phase -> (start, end), time.perf_counter():
+                                    # schedule, prepare, launch, wait, output (host); device (the GPU's work)
 
     @property
     def host_time(self) -> float:
@@ -106,3 +112,15 @@ class StepStats:
     @property
     def total_time(self) -> float:
         return self.schedule_time + self.prepare_time + self.forward_time + self.output_time
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's live state (LLMEngine.get_stats; kvlab serve's /metrics reads it)."""
+    num_requests_running: int = 0      # requests with a sequence in the running batch
+    num_requests_waiting: int = 0      # requests waiting for admission (or re-admission after preemption)
+    num_used_blocks: int = 0           # KV blocks held by live sequences
+    num_blocks: int = 0                # KV blocks in the pool
+    num_preemptions: int = 0           # sequences preempted since start
+    num_aborted: int = 0               # requests aborted since start (disconnects, shutdown)
+    num_steps: int = 0                 # engine steps since start

@@ -91,12 +91,12 @@ def replay(prompts: Seq[Seq[int]], output_lens: Seq[int], num_blocks: int, block
             request = Request(str(i), None, list(prompts[i]),
                               SamplingParams(temperature=0, max_tokens=int(output_lens[i]), ignore_eos=True),
                               RequestMetrics(arrival_time=step))
-            request.new_sequence(0, list(prompts[i]), None)
+            request.new_sequence(0, list(prompts[i]))
             scheduler.add(request)
             nxt += 1
         out = scheduler.schedule()
-        for item in out.scheduled:
-            i = int(item.seq.request.request_id)
+        for seq_id in out.num_scheduled_tokens:
+            i = int(seq_id[0])
             if stats.admit_step[i] < 0:
                 stats.admit_step[i] = step
         stats.computed_tokens += out.num_batched_tokens
@@ -105,10 +105,11 @@ def replay(prompts: Seq[Seq[int]], output_lens: Seq[int], num_blocks: int, block
         stats.scheduled_tokens.append(out.num_batched_tokens)
         stats.peak_blocks = max(stats.peak_blocks, allocator.num_used_blocks)
         stats.peak_running = max(stats.peak_running, len(scheduler.running))
-        sampled = {seq: 0 for item in out.scheduled if item.samples for seq in (item.seq, *item.children)}
-        for seq in scheduler.update(out, sampled):       # the runner with no model: every token is 0
-            stats.finish_step[int(seq.request.request_id)] = step
-            scheduler.pop_finished_request(seq.request.request_id)
+        sampled = {seq.seq_id: 0 for seq in scheduler.running if seq.num_pending}   # the runner with no
+        for seq in scheduler.update_from_output(out, sampled):                       # model: every token is 0
+            if seq.finished:
+                stats.finish_step[int(seq.request.request_id)] = step
+                scheduler.pop_finished_request(seq.request.request_id)
         step += 1
         if step > max_steps:
             raise RuntimeError(f"the trace did not finish in {max_steps} steps")

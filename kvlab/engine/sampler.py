@@ -29,10 +29,10 @@ import torch
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters of one step, as tensors on the logits' device (built once
-    per step by the runner; every row of the logits samples)."""
+    """Per-row sampling parameters of one step, as tensors on the logits' device (copied with the
+    step's other inputs by the runner; every row of the logits samples)."""
     temperature: torch.Tensor            # float32 (R,); 0 = greedy
-    top_k: torch.Tensor                  # int64 (R,); >= vocab means no limit
+    top_k: torch.Tensor                  # int (R,); >= vocab means no limit
     top_p: torch.Tensor                  # float32 (R,); 1 = no limit
     generators: list                     # (row, torch.Generator) for seeded rows
     all_greedy: bool
@@ -69,6 +69,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
         e[row].exponential_(generator=gen)
     drawn = (probs / e).argmax(dim=-1)
     return torch.where(batch.temperature == 0, greedy, drawn)
+
+
+def sample_generator(params, index: int, device) -> torch.Generator | None:
+    """Sample i of a seeded request draws from its own generator, seeded with (seed + i) mod 2**64."""
+    if params.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed((params.seed + index) % 2**64)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -62,7 +62,7 @@ class SamplingParams:
         # by LLMEngine.add_request, which re-checks the whole object (it may have changed since).
         self.n = _int("n", self.n, low=1, high=MAX_N, allowed=f"an integer in 1..{MAX_N}")
         self.temperature = _float("temperature", self.temperature, low=0.0,
-                                  allowed="a finite number >= 0 (0 means greedy)")
+                                  allowed="a number >= 0 (0 means greedy)")
         self.top_p = _float("top_p", self.top_p, low=0.0, low_open=True, high=1.0, allowed="a number in (0, 1]")
         self.top_k = _int("top_k", self.top_k, low=-1, high=MAX_TOP_K,
                           allowed=f"an integer in 1..{MAX_TOP_K:,} (at most the vocabulary), or 0 / -1 for no limit")

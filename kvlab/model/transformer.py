@@ -187,6 +187,11 @@ class Transformer:
         return self.lm_head(self.final_norm(x))
 
     # ----------------------------------------------------------------- the fused path (NEW: the engine, on a GPU)
+    @property
+    def fused(self) -> bool:
+        """forward() runs the fused kernels (use_fused_kernels was called)."""
+        return self._fused is not None
+
     def can_fuse(self) -> bool:
         """The fused kernels cover the Llama family (RMSNorm, RoPE, SwiGLU) with head_dim / 2 a power of two."""
         half = self.head_dim // 2

@@ -1,6 +1,6 @@
 """AsyncEngine: the server's handle on the one engine loop (kvlab.serve.engine_core), for coroutines.
 
-    engine = AsyncEngine.launch(args)                      # child process; returns once the model is loaded
+    engine = AsyncEngine.launch(CoreConfig(EngineArgs(...)))   # child process; returns once the model is loaded
     engine.start()                                         # inside the running event loop
     stream = await engine.add_request("r1", [1, 2, 3], SamplingParams(...))   # raises if refused
     async for outputs in stream: ...                       # RequestOutputs, as steps produce them
@@ -23,8 +23,9 @@ import multiprocessing
 import queue
 import threading
 
-from kvlab.engine import RequestOutput, SamplingParams
-from kvlab.serve.engine_core import EngineStats, QueueFullError, engine_core_main, unpack
+from kvlab.engine import EngineStats, RequestOutput, SamplingParams
+from kvlab.serve.engine_core import (AbortRequest, AddRequest, Added, CommandError, CoreConfig, Failed, QueueFullError,
+                                     Ready, Shutdown, Stats, StepOutputs, engine_core_main)
 
 logger = logging.getLogger("kvlab.serve")
 
@@ -89,13 +90,13 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, process, commands, outputs, info: dict):
+    def __init__(self, process, commands, outputs, ready: Ready):
         self.process = process                 # the engine core's process
         self._commands = commands              # Connection: this process -> core
         self._outputs = outputs                # Connection: core -> this process
-        self.tokenizer = info["tokenizer"]     # None: the engine runs on token ids only
-        self.max_model_len = info["max_model_len"]
-        self.stats = EngineStats(num_blocks=info["num_blocks"])
+        self.tokenizer = ready.tokenizer       # None: the engine runs on token ids only
+        self.max_model_len = ready.max_model_len
+        self.stats = EngineStats(num_blocks=ready.num_blocks)
         self.error: str | None = None
         self.on_finished = None                # callback(RequestOutput), for the metrics
         self.on_dead = None                    # callback(), when the core fails (the server then exits)
@@ -107,30 +108,30 @@ class AsyncEngine:
         self._stopping = False
 
     @classmethod
-    def launch(cls, args, max_waiting_requests: int = 1000, timeout: float = 600.0) -> "AsyncEngine":
-        """Start the engine core (kvlab serve's engine flags in `args`) and wait until its model is
-        loaded. Raises RuntimeError with the core's message if it cannot start."""
+    def launch(cls, config: CoreConfig, timeout: float = 600.0) -> "AsyncEngine":
+        """Start the engine core and wait until its model is loaded. Raises RuntimeError with the
+        core's message if it cannot start."""
         ctx = multiprocessing.get_context("spawn")           # a fresh interpreter: safe with CUDA
         commands_rx, commands_tx = ctx.Pipe(duplex=False)
         outputs_rx, outputs_tx = ctx.Pipe(duplex=False)
         process = ctx.Process(target=engine_core_main, name="kvlab-engine-core", daemon=True,
-                              args=(args, commands_rx, outputs_tx, max_waiting_requests))
+                              args=(config, commands_rx, outputs_tx))
         process.start()
         commands_rx.close()
         outputs_tx.close()                                   # EOF on outputs_rx once the core is gone
         try:
             if not outputs_rx.poll(timeout):
                 raise RuntimeError(f"the engine core did not load the model within {timeout:.0f} s")
-            kind, payload = outputs_rx.recv()
+            message = outputs_rx.recv()
         except EOFError:
-            kind, payload = "failed", f"the engine core exited with status {process.exitcode}"
+            message = Failed(f"the engine core exited with status {process.exitcode}")
         except BaseException:
             process.kill()
             raise
-        if kind != "ready":
+        if not isinstance(message, Ready):
             process.join(10)
-            raise RuntimeError(f"the engine core could not start: {payload}")
-        return cls(process, commands_tx, outputs_rx, payload)
+            raise RuntimeError(f"the engine core could not start: {getattr(message, 'message', message)}")
+        return cls(process, commands_tx, outputs_rx, message)
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -154,7 +155,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, prompt_token_ids, stream_interval)
         self._streams[request_id] = stream                   # before the add: no output can be missed
         verdict = self._adding[request_id] = self._loop.create_future()
-        self._outbox.put(("add", request_id, prompt_token_ids, params, arrival_time))
+        self._outbox.put(AddRequest(request_id, prompt_token_ids, params, arrival_time))
         try:
             await verdict
         except asyncio.CancelledError:                      # the client left while we waited
@@ -170,13 +171,13 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request (if it is still in the engine) and forget its stream."""
         self._streams.pop(request_id, None)
-        self._outbox.put(("abort", request_id))
+        self._outbox.put(AbortRequest(request_id))
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the core: requests still in the engine are aborted, their blocks freed."""
         self._stopping = True
         if self.process.is_alive():
-            self._outbox.put(("stop",))
+            self._outbox.put(Shutdown())
             await asyncio.to_thread(self.process.join, timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -185,33 +186,37 @@ class AsyncEngine:
         self._fail_all("the server shut down before the request finished")
 
     # ------------------------------------------------------------------ callbacks on the event loop
-    def _on_message(self, kind: str, payload) -> None:
-        if kind == "step":
-            outputs, self.stats = payload
-            for packed in outputs:
-                stream = self._streams.get(packed[0])
-                if stream is None and not packed[1]:
+    def _on_message(self, message) -> None:
+        if isinstance(message, StepOutputs):
+            self.stats = message.stats
+            for packed in message.outputs:
+                stream = self._streams.get(packed.request_id)
+                if stream is None and not packed.finished:
                     continue                                  # aborted here, still in the core: drop
-                out = unpack(packed, stream.prompt_token_ids if stream else [])
+                out = packed.unpack(stream.prompt_token_ids if stream else [])
                 if out.finished:
                     self._streams.pop(out.request_id, None)
                     if self.on_finished is not None and stream is not None:
                         self.on_finished(out)
                 if stream is not None:
                     stream.put(out)
-        elif kind == "added":
-            for request_id, error in payload:
+        elif isinstance(message, Added):
+            for request_id, error in message.verdicts:
                 verdict = self._adding.get(request_id)
                 if verdict is not None and not verdict.done():
                     verdict.set_result(None) if error is None else verdict.set_exception(error)
-        elif kind == "stats":
-            self.stats = payload
-        elif kind == "failed":
-            self.error = payload
-            logger.error("the engine core failed: %s", payload)
-            self._fail_all(f"the engine failed: {payload.splitlines()[0]}")
+        elif isinstance(message, Stats):
+            self.stats = message.stats
+        elif isinstance(message, CommandError):
+            logger.error("the engine core refused a message: %s", message.message)
+        elif isinstance(message, Failed):
+            self.error = message.message
+            logger.error("the engine core failed: %s", message.message)
+            self._fail_all(f"the engine failed: {message.message.splitlines()[0]}")
             if self.on_dead is not None:
                 self.on_dead()
+        else:
+            logger.error("unknown message from the engine core: %r", message)
 
     def _fail_all(self, message: str) -> None:
         for verdict in self._adding.values():
@@ -244,10 +249,9 @@ class AsyncEngine:
         """Reader thread: each message from the core becomes one callback on the event loop."""
         while True:
             try:
-                kind, *payload = self._outputs.recv()
+                message = self._outputs.recv()
             except (EOFError, OSError):
                 if self.error is None and not self._stopping:
-                    self._loop.call_soon_threadsafe(self._on_message, "failed", "the engine core exited")
+                    self._loop.call_soon_threadsafe(self._on_message, Failed("the engine core exited"))
                 return
-            payload = payload[0] if len(payload) == 1 else tuple(payload)
-            self._loop.call_soon_threadsafe(self._on_message, kind, payload)
+            self._loop.call_soon_threadsafe(self._on_message, message)

@@ -26,84 +26,50 @@ import time
 PARENT_PID_ENV = "KVLAB_SERVE_PARENT_PID"     # set by the launcher: exit when that process is gone
 API_KEY_ENV = "KVLAB_API_KEY"                  # --api-key's default: keeps the key out of `ps`
 
-# (flag, EngineConfig field, type, help); a flag left out keeps EngineConfig's default
-ENGINE_FLAGS = [
-    ("--block-size", "block_size", int, "tokens per KV block (default 16)"),
-    ("--num-kv-blocks", "num_kv_blocks", int, "KV blocks in the pool (default: sized from memory)"),
-    ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int, "KV pool size in bytes (CPU default: up to 1 GiB)"),
-    ("--gpu-memory-utilization", "gpu_memory_utilization", float, "share of the GPU the engine may fill (0.9)"),
-    ("--max-num-seqs", "max_num_seqs", int, "sequences running at once (default 256)"),
-    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "tokens per engine step (default 2048)"),
-    ("--max-model-len", "max_model_len", int, "longest prompt + output (default: the model's)"),
-    ("--device", "device", str, "cpu or cuda (default: cuda if available)"),
-    ("--dtype", "dtype", str, "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"),
-    ("--attention-backend", "attention_backend", str, "auto, triton or torch"),
-    ("--seed", "seed", int, "seed of unseeded sampling (default 0)"),
-]
-ENGINE_SWITCHES = [
-    ("--enable-prefix-caching", "enable_prefix_caching", "reuse KV blocks of earlier prompts (default on)"),
-    ("--enable-chunked-prefill", "enable_chunked_prefill", "split long prompts across steps (default on)"),
-    ("--enforce-eager", "enforce_eager", "no CUDA graphs (default off)"),
-    ("--skip-tokenizer-init", "skip_tokenizer_init", "token ids in and out, no text (default: only when the "
-                                                     "model has no tokenizer)"),
-]
-
-
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="a kvlab.load_model name, Hugging Face hub id or local dir (default smollm2-135m)")
-    g = p.add_argument_group("engine (EngineConfig; vLLM's flag names)")
-    for flag, dest, type_, help_ in ENGINE_FLAGS:
-        g.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
-    for flag, dest, help_ in ENGINE_SWITCHES:
-        g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
-    g.add_argument("--torch-threads", type=int, default=None,
-                   help="CPU threads for torch's operators (default: torch's choice). On a small or shared CPU, "
-                        "1 can be much faster: threads that wait for each other stall every step")
+    """The engine's flags (one per kvlab.EngineArgs field, vLLM's names), and --torch-threads."""
+    from kvlab.engine import EngineArgs
+
+    EngineArgs.add_cli_args(p)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads for torch's operators in the engine's process (default: torch's choice). On a "
+                        "small or shared CPU, 1 can be much faster: threads that wait for each other stall every step")
 
 
 def engine_kwargs(args: argparse.Namespace, model=None) -> dict:
-    """EngineConfig (and kvlab.LLM) keyword arguments from the engine flags that were given; the
-    others keep their defaults. With a LoadedModel that has no tokenizer (smollm2-135m-random on a
-    machine without its tokenizer files), the engine runs on token ids unless
-    --no-skip-tokenizer-init says otherwise."""
-    names = [dest for _, dest, _, _ in ENGINE_FLAGS] + [dest for _, dest, _ in ENGINE_SWITCHES]
-    kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if model is not None and model.tokenizer is None:
-        kwargs.setdefault("skip_tokenizer_init", True)
-    return {"model": args.model if model is None else model, **kwargs}
+    """kvlab.EngineArgs (and kvlab.LLM) keyword arguments from the engine flags that were given; the
+    others keep their defaults. model: a LoadedModel to use instead of loading --model."""
+    from kvlab.engine import EngineArgs
+
+    kwargs = EngineArgs.cli_kwargs(args)
+    if model is not None:
+        kwargs["model"] = model
+    return kwargs
 
 
-def engine_config(args: argparse.Namespace, model=None):
-    from kvlab.engine import EngineConfig
+def engine_args(args: argparse.Namespace):
+    from kvlab.engine import EngineArgs
 
-    return EngineConfig(**engine_kwargs(args, model))
+    return EngineArgs(**engine_kwargs(args))
 
 
 def check_engine_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A usage error (exit 2) for a bad engine flag, named as the flag ("--max-num-seqs must be ...")."""
+    from kvlab.engine import EngineArgs
+
     if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
         parser.error(f"--torch-threads {args.torch_threads}: must be >= 1")
     try:
-        engine_config(args)
+        engine_args(args)
     except (ValueError, TypeError) as err:
-        message = str(err)
-        for flag, dest, *_ in ENGINE_FLAGS + ENGINE_SWITCHES:
-            if message.startswith(dest + " "):
-                message = flag + message[len(dest):]
-                break
-        parser.error(message)
+        parser.error(EngineArgs.flag_message(str(err)))
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine flags that were given, as a command line again (for a server in a child process)."""
-    argv = ["--model", str(args.model)]
-    for flag, dest, _, _ in ENGINE_FLAGS:
-        if getattr(args, dest, None) is not None:
-            argv += [flag, str(getattr(args, dest))]
-    for flag, dest, _ in ENGINE_SWITCHES:
-        if getattr(args, dest, None) is not None:
-            argv.append(flag if getattr(args, dest) else "--no-" + flag[2:])
+    from kvlab.engine import EngineArgs
+
+    argv = EngineArgs.to_argv(args)
     if getattr(args, "torch_threads", None) is not None:
         argv += ["--torch-threads", str(args.torch_threads)]
     return argv
@@ -163,6 +129,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from kvlab.serve.app import TimedHttpProtocol, build_app
     from kvlab.serve.async_engine import AsyncEngine
+    from kvlab.serve.engine_core import CoreConfig
 
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: a port is 0..65535 (0: any free port)")
@@ -189,7 +156,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"kvlab serve: {url} (loading {args.model})", flush=True)
     try:                                     # the engine core loads the model in its own process
-        engine = AsyncEngine.launch(args, args.max_waiting_requests)
+        engine = AsyncEngine.launch(CoreConfig(engine_args(args), args.max_waiting_requests, args.torch_threads))
     except RuntimeError as err:
         print(f"kvlab serve: {err}", file=sys.stderr)
         sock.close()

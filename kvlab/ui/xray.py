@@ -125,10 +125,10 @@ class XRay:
     plus who finished after the forward pass.
 
     requests: (request_id, prompt, SamplingParams[, arrival step]) with n = 1. Engine keywords go to
-    EngineConfig (prefix caching on, as the engine's default)."""
+    EngineArgs (prefix caching on, as the engine's default)."""
 
     def __init__(self, model, requests: Sequence[tuple], **engine_kwargs):
-        from kvlab.engine import EngineConfig, LLMEngine, SamplingParams
+        from kvlab.engine import EngineArgs, LLMEngine, SamplingParams
 
         script = []
         for i, r in enumerate(requests):
@@ -144,7 +144,7 @@ class XRay:
         if len({r[0] for r in script}) != len(script):
             raise ValueError(f"request ids must be unique, got {[r[0] for r in script]}")
         self.script = script
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.engine = LLMEngine(EngineArgs(model=model, **engine_kwargs))
         self.engine.record_schedule = True
         self.colors = {(rid, 0): PALETTE[i % len(PALETTE)] for i, (rid, *_) in enumerate(script)}
         self._requests: dict[str, object] = {}        # request id -> the engine's Request
@@ -214,47 +214,51 @@ class XRay:
     def _decision(self, out, waiting_before: set, arrived: list[str], step: int) -> StepReport:
         """What the SchedulerOutput `out` says, read the moment schedule() returned."""
         rows = []
-        order = {id(s): i for i, s in enumerate(self.engine.scheduler.running)}
-        for item in out.scheduled:
-            seq, n = item.seq, item.num_new_tokens
-            start = item.context_len                    # tokens already cached (after any prefix hit)
+        sched = self.engine.scheduler
+        order = {id(s): i for i, s in enumerate(sched.running)}
+        for seq_id, n in out.num_scheduled_tokens.items():
+            seq = sched.sequence(seq_id)
+            start = out.num_computed_tokens[seq_id]     # tokens already cached (after any prefix hit)
             admitted = id(seq) in waiting_before
-            if n == 1 and not admitted and start == seq.num_tokens - 1 and start >= seq.num_prompt_tokens:
+            samples = start + n == seq.num_tokens - 1   # it computes its last token; the one it samples is pending
+            if n == 1 and not admitted and samples and start >= seq.num_prompt_tokens:
                 kind = "decode"
             elif seq.num_preemptions:
                 kind = "recompute"
             else:
                 kind = "prefill"
-            rows.append(Row(seq.seq_id[0], kind, start, start + n, cached=start if admitted else 0,
-                            admitted=admitted, more=not item.samples, order=order.get(id(seq), -1)))
+            rows.append(Row(seq_id[0], kind, start, start + n, cached=start if admitted else 0,
+                            admitted=admitted, more=not samples, order=order.get(id(seq), -1)))
         free = self.engine.allocator.num_free_blocks
-        return StepReport(step, rows, [s.seq_id[0] for s in out.preempted], [], arrived,
+        return StepReport(step, rows, [s[0] for s in out.preempted_seq_ids], [], arrived,
                           self._why_blocked(out, free), out.num_batched_tokens, free)
 
     def _why_blocked(self, out, free: int) -> str | None:
-        """Why the waiting queue's head was not admitted in this step: the scheduler's admission
-        rules (kvlab/engine/scheduler.py, step 3) in the order it checks them, on the state it saw."""
+        """Why the waiting queue's head was not admitted in this step, in words: the scheduler says which
+        of its admission rules stopped it (SchedulerOutput.admission_stop); this adds the numbers."""
+        from kvlab.engine import scheduler as rules
+
         sched = self.engine.scheduler
-        if not sched.waiting:
+        if out.admission_stop is None or not sched.waiting:
             return None
         seq = sched.waiting[0]
-        rid = seq.seq_id[0]
-        if out.preempted:
+        rid, stop = seq.seq_id[0], out.admission_stop
+        if stop == rules.STOP_PREEMPTED:
             return f"{rid} waits: this step preempted, and a step that preempts admits nobody"
-        if out.num_batched_tokens >= sched.max_num_batched_tokens:
+        if stop == rules.STOP_BUDGET:
             return f"{rid} waits: the token budget is spent ({sched.max_num_batched_tokens} tokens per step)"
-        if sched.num_rows_in_use >= sched.max_num_seqs:
+        if stop == rules.STOP_SEQS:
             return f"{rid} waits: max_num_seqs = {sched.max_num_seqs} sequences are running"
-        needed = self.engine.allocator.free_blocks_needed(seq.token_ids)
-        keep = sched.watermark_blocks if sched.running else 0
-        if needed > free - keep:
-            return (f"{rid} waits: it needs {_n(needed, 'free block')} for {seq.num_tokens} tokens, {free} free"
+        if stop == rules.STOP_BLOCKS:
+            needed = self.engine.allocator.free_blocks_needed(seq.token_ids)
+            keep = sched.watermark_blocks if sched.running else 0
+            return (f"{rid} waits: it needs {_n(needed, 'free block')} for {len(seq.token_ids)} tokens, {free} free"
                     + (f", {keep} kept free (watermark)" if keep else ""))
-        left = sched.max_num_batched_tokens - out.num_batched_tokens
-        if not sched.enable_chunked_prefill and seq.num_tokens > left:
-            return (f"{rid} waits: chunked prefill is off, so its {seq.num_tokens} tokens must fit one step, and "
-                    f"{left} of the token budget is left")
-        return f"{rid} waits, and no admission rule explains why (a bug in the x-ray or the scheduler)"
+        if stop == rules.STOP_NO_CHUNKING:
+            left = sched.max_num_batched_tokens - out.num_batched_tokens
+            return (f"{rid} waits: chunked prefill is off, so its {len(seq.token_ids)} tokens must fit one step, "
+                    f"and {left} of the token budget is left")
+        return f"{rid} waits: its last token is still being sampled (it was preempted a step ago)"
 
     def _snapshot(self, step: int, report: StepReport | None) -> Snapshot:
         sched = self.engine.scheduler
@@ -264,9 +268,10 @@ class XRay:
                 status = "refused" if rid in self.refused else "not arrived"
                 views[rid] = RequestView(rid, status, 0, 0, 0, [], 0, self.refused.get(rid, ""), None)
                 continue
-            s = self._seq(rid)
+            s, alloc = self._seq(rid), self.engine.allocator
+            table = alloc.block_table(s.seq_id) if s.seq_id in alloc else []
             views[rid] = RequestView(rid, s.status.value, s.num_prompt_tokens, s.num_tokens, s.num_computed_tokens,
-                                     list(s.block_table), s.num_preemptions, s.text, s.finish_reason)
+                                     table, s.num_preemptions, s.text, s.finish_reason)
         return Snapshot(step, [s.seq_id[0] for s in sched.waiting], [s.seq_id[0] for s in sched.running],
                         views, copy.deepcopy(self.engine.allocator), report)
 
