@@ -605,3 +605,49 @@ def test_plot_comparison_of_nothing_says_so():
     fig = plot_comparison(["llama-3-8b"])
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["llama-3-8b"]
     plt.close(fig)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    # numpy integers are integers everywhere in kvlab (kvlab.checks); the allocator refused them
+    (lambda A: A(4, np.int64(4)).block_size, None, 4),
+    (lambda A: A(np.int64(4), 4).num_blocks, None, 4),
+    (lambda A: A(4, 4).ref_count(np.int64(0)), None, 0),
+    (lambda A: A(4, 4, free_order=np.array([3, 2, 1, 0])).allocate_sequence("s", [1]), None, [3]),
+    # a bool is not a count, nor a token id (Python lets True pass for 1)
+    (lambda A: A(True, 16), TypeError, "num_blocks must be a positive integer, got the bool True"),
+    (lambda A: A(4, True), TypeError, "block_size must be a positive integer, got the bool True"),
+    (lambda A: A(4, 4).allocate_sequence("s", [True, False]), ValueError, "token_ids must be a sequence of ints, "
+                                                                          "got [True, False]"),
+    (lambda A: _allocated(A).append_token("s", True), ValueError, "a token id must be an int, got the bool True"),
+    # messages of the allocator's own, not Python's
+    (lambda A: A(4, 4, free_order=["a"]), TypeError, "free_order[0] must be a block id in 0..3, got str 'a'"),
+    (lambda A: A(2, 4, free_order=[0.0, 1.0]), TypeError, "free_order[0] must be a block id in 0..1, got float 0.0"),
+    (lambda A: A(4, 4, free_order=5), TypeError, "free_order must be a permutation of range(4) (a list of block "
+                                                 "ids), got int 5"),
+    (lambda A: A(3, 4, free_order=[0, 1, 1]), ValueError, "free_order must be a permutation of range(3), got 3 ids"),
+    (lambda A: A(4, 4).allocate_sequence(["x"], [1, 2]), TypeError, "seq_id must be hashable (a str or an int, "
+                                                                     "e.g. 'A'), got list ['x']"),
+    (lambda A: _allocated(A).fork("s", {"t": 1}), TypeError, "child_id must be hashable"),
+    (lambda A: _allocated(A).block_table(["s"]), TypeError, "seq_id must be hashable"),
+    (lambda A: _allocated(A).slot("s", 1.5), TypeError, "position must be an integer, got float 1.5"),
+    (lambda A: _allocated(A).slot("s", 3), ValueError, "position 3 out of range for sequence 's'"),
+    (lambda A: A(4, 4).ref_count(4), ValueError, "block_id must be a block id in 0..3, got 4"),
+    (lambda A: A(4, 4).ref_count(1.0), TypeError, "block_id must be a block id in 0..3, got float 1.0"),
+])
+def test_block_allocator_arguments_read_as_kvlab_checks_do(call, error, words):
+    """Issue 19: BlockAllocator(4, np.int64(4)) and ref_count(np.int64(0)) were refused, True was
+    taken for 1 block or token 1, and free_order=['a'], a list as sequence id and slot('s', 1.5)
+    answered with Python's own messages (int(), unhashable, list indices)."""
+    A = kvlab.BlockAllocator
+    if error is None:
+        assert call(A) == words
+        return
+    with pytest.raises(error) as info:
+        call(A)
+    assert words in str(info.value), str(info.value)
+
+
+def _allocated(A):
+    alloc = A(4, 4)
+    alloc.allocate_sequence("s", [5, 6, 7])
+    return alloc

@@ -46,6 +46,8 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvlab import checks
+
 SeqId = Hashable
 _NO_PARENT = -1          # the "previous hash" of a sequence's first block
 
@@ -70,6 +72,28 @@ class _Sequence:
     token_ids: list[int]
     block_hashes: list[int] = field(default_factory=list)  # chained hash of each full, computed block
     num_cached_tokens: int = 0
+
+
+def _check_seq_id(name: str, seq_id):
+    """A sequence id is any hashable value (a str, an int): a dict key of the allocator."""
+    try:
+        hash(seq_id)
+    except TypeError:
+        raise TypeError(f"{name} must be hashable (a str or an int, e.g. 'A'), got {checks.shown(seq_id)}") from None
+    return seq_id
+
+
+def _block_ids(name: str, value, num_blocks: int) -> list[int]:
+    """A permutation of range(num_blocks), e.g. free_order; numpy ints pass, 1.5 and 'a' do not."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a permutation of range({num_blocks}) (a list of block ids), got "
+                        f"{checks.shown(value)}")
+    ids = [checks.integer(f"{name}[{i}]", b, allowed=f"a block id in 0..{num_blocks - 1}")
+           for i, b in enumerate(value)]
+    if sorted(ids) != list(range(num_blocks)):
+        raise ValueError(f"{name} must be a permutation of range({num_blocks}), got {len(ids)} ids: "
+                         f"{checks.brief(ids)}")
+    return ids
 
 
 def block_hash(prev_hash: int, token_ids: Sequence[int]) -> int:
@@ -100,14 +124,9 @@ class BlockAllocator:
                  free_order: Iterable[int] | None = None):
         """free_order: the initial order of the free queue (default 0, 1, ..., num_blocks - 1).
         Tests and notebooks pass a permutation to scatter sequences over the pool on purpose."""
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        order = list(range(num_blocks)) if free_order is None else [int(b) for b in free_order]
-        if sorted(order) != list(range(num_blocks)):
-            raise ValueError(f"free_order must be a permutation of range({num_blocks}), "
-                             f"got {len(order)} ids")
+        num_blocks = checks.integer("num_blocks", num_blocks, minimum=1)      # numpy ints pass, True does not
+        block_size = checks.integer("block_size", block_size, minimum=1)
+        order = list(range(num_blocks)) if free_order is None else _block_ids("free_order", free_order, num_blocks)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
@@ -161,6 +180,7 @@ class BlockAllocator:
     def slot(self, seq_id: SeqId, position: int) -> int:
         """Where token `position` of the sequence lives: block_id * block_size + offset."""
         seq = self._seq(seq_id)
+        position = checks.integer("position", position)
         if not 0 <= position < len(seq.token_ids):
             raise ValueError(f"position {position} out of range for sequence {seq_id!r} "
                              f"with {len(seq.token_ids)} tokens")
@@ -188,7 +208,7 @@ class BlockAllocator:
         hit, so prefill always computes at least one token (the one whose logits sample the
         next token). The new blocks are not registered yet: `mark_computed` does that once
         the forward pass has written their K/V."""
-        if seq_id in self._seqs:
+        if _check_seq_id("seq_id", seq_id) in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         token_ids = self._check_tokens(token_ids)
         needed = self._free_blocks_needed(token_ids)
@@ -267,7 +287,7 @@ class BlockAllocator:
         wrote them): copy-on-write copies run before a step's writes, so a block forked and
         copied within the step that first fills it would be copied empty."""
         parent = self._seq(parent_id)
-        if child_id in self._seqs:
+        if _check_seq_id("child_id", child_id) in self._seqs:
             raise ValueError(f"cannot fork into {child_id!r}: that sequence is already allocated")
         for block_id in parent.block_table:
             self._blocks[block_id].ref_count += 1
@@ -295,23 +315,28 @@ class BlockAllocator:
     def _seq(self, seq_id: SeqId) -> _Sequence:
         try:
             return self._seqs[seq_id]
-        except (KeyError, TypeError):
+        except TypeError:                                # a list, a dict: no sequence has such an id
+            _check_seq_id("seq_id", seq_id)
+            raise
+        except KeyError:
             raise ValueError(f"sequence {seq_id!r} is not allocated (never allocated, or already "
                              f"freed); live sequences: {len(self._seqs)}") from None
 
     def _check_block_id(self, block_id: int) -> int:
-        if not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:
-            raise ValueError(f"block id must be an int in [0, {self.num_blocks}), got {block_id!r}")
-        return block_id
+        return checks.integer("block_id", block_id, 0, self.num_blocks - 1,
+                              allowed=f"a block id in 0..{self.num_blocks - 1}")
 
     @staticmethod
     def _check_tokens(token_ids: Sequence[int]) -> list[int]:
         if isinstance(token_ids, (str, bytes)):
             raise ValueError("token_ids must be a sequence of ints, not a string")
         try:
-            ids = [operator.index(t) for t in token_ids]
+            items = token_ids if isinstance(token_ids, (list, tuple)) else list(token_ids)
+            if any(t.__class__ is bool for t in items):       # True is an int to Python, not a token id
+                raise TypeError
+            ids = [operator.index(t) for t in items]
         except TypeError:
-            raise ValueError(f"token_ids must be a sequence of ints, got {token_ids!r:.80}") from None
+            raise ValueError(f"token_ids must be a sequence of ints, got {checks.brief(token_ids)}") from None
         if not ids:
             raise ValueError("a sequence needs at least one token")
         if min(ids) < 0:
@@ -321,9 +346,11 @@ class BlockAllocator:
     @staticmethod
     def _check_token(token_id: int) -> int:
         try:
+            if token_id.__class__ is bool:
+                raise TypeError
             t = operator.index(token_id)
         except TypeError:
-            raise ValueError(f"a token id must be an int, got {token_id!r}") from None
+            raise ValueError(f"a token id must be an int, got {checks.shown(token_id)}") from None
         if t < 0:
             raise ValueError(f"token ids must be >= 0, got {t}")
         return t
