@@ -781,11 +781,24 @@ def test_committed_stub_cells_say_not_implemented(name):
     assert all(not any(o["output_type"] == "error" for o in c.get("outputs", [])) for c in _cells(name))
 
 
+@pytest.fixture(scope="module")
+def kernel():
+    """One Python kernel for the eight notebook runs (each starts with %reset -f, so none sees another's names;
+    a kernel start and the torch import cost more than most of these notebooks)."""
+    pytest.importorskip("nbclient")
+    from jupyter_client import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(NOTEBOOKS))
+    yield km
+    km.shutdown_kernel(now=True)
+
+
 @pytest.mark.parametrize("name", BUILT)
-def test_notebook_runs_with_the_solutions(name):
+def test_notebook_runs_with_the_solutions(name, kernel):
     """Execute the notebook top to bottom (nbclient, a real kernel) with each stub cell replaced by an import
     of its solution: every check cell must then report a pass, and no cell may fail."""
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
     import nbformat
 
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
@@ -793,9 +806,8 @@ def test_notebook_runs_with_the_solutions(name):
         if "exercise-stub" in cell.metadata.get("tags", []):
             ex = exercise(cell.metadata["kvlab_exercise"])
             cell.source = f"from {ex.solution_module} import {', '.join(ex.names)}"
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute()
+    nb.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))
+    nbclient.NotebookClient(nb, km=kernel, timeout=300).execute()
     checks = [c for c in nb.cells if "exercise-check" in c.metadata.get("tags", [])]
     assert checks
     for cell in checks:
