@@ -483,7 +483,9 @@ def _kernel_variant(tmp_path_factory, old: str, new: str):
 
 KERNEL_MISTAKES = [
     ("acc not rescaled by alpha", "acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)",
-     "acc = acc + tl.sum(p[:, None] * v, axis=0)", "Forgetting alpha on acc"),
+     "acc = acc + tl.sum(p[:, None] * v, axis=0)", "accumulator is not rescaled"),
+    ("l_i not rescaled by alpha", "l_i = l_i * alpha + tl.sum(p, axis=0)", "l_i = l_i + tl.sum(p, axis=0)",
+     "l_i is not rescaled"),
     ("the logical block used as the physical one",
      "block = tl.load(block_tables_ptr + seq * max_blocks + tok // BLOCK_SIZE, mask=mask, other=0)",
      "block = tok // BLOCK_SIZE", "block_tables[s, i]"),

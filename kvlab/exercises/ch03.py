@@ -166,7 +166,7 @@ def _requests_cases():
         spec = kvlab.ModelSpec.preset(name)
         args = dict(spec=spec, gpu_bytes=gpu, context_len=T, weight_dtype=wdt, kv_dtype=kdt,
                     gpu_memory_utilization=0.9, reserve_bytes=GiB)
-        yield Case(f"case {i}: {name} on a {gpu // GiB} GiB GPU, {T:,}-token requests", kwargs=args,
+        yield Case(f"case {i}: {name} on a GPU of {gpu // GiB} GiB, {T:,}-token requests", kwargs=args,
                    inputs=_spec_line(spec) + f", {spec.num_params:,} parameters; gpu_bytes {gpu:,} ({gpu // GiB} GiB), "
                           f"context_len {T}, weight_dtype {wdt!r}, kv_dtype {kdt!r}, gpu_memory_utilization 0.9, "
                           f"reserve_bytes {GiB:,} (1 GiB)",

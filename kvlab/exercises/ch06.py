@@ -310,8 +310,41 @@ def _padded_tiles(p, block_n):
     return out
 
 
+def _online(p, block_n, rescale_acc=True, rescale_l=True):
+    """The kernel's online softmax, tile by tile in torch, with a forgotten rescale switched on (a mistake model)."""
+    q, kc, vc, bt, lens, scale = (p[k] for k in KEYS)
+    S, Hq, D = q.shape
+    _, bs, Hkv, _ = kc.shape
+    out = torch.zeros_like(q)
+    for s in range(S):
+        n = int(lens[s])
+        blocks = bt[s, : -(-n // bs)].long()
+        k, v = kc[blocks].flatten(0, 1)[:n].double(), vc[blocks].flatten(0, 1)[:n].double()
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            m, l, acc = float("-inf"), 0.0, torch.zeros(D, dtype=torch.float64)
+            for t0 in range(0, n, block_n):
+                sc = k[t0:t0 + block_n, kh] @ q[s, h].double() * scale
+                m_new = max(m, float(sc.max()))
+                alpha = torch.exp(torch.tensor(m - m_new, dtype=torch.float64))
+                e = torch.exp(sc - m_new)
+                l = (l * alpha if rescale_l else l) + float(e.sum())
+                acc = (acc * alpha if rescale_acc else acc) + e @ v[t0:t0 + block_n, kh]
+                m = m_new
+            out[s, h] = (acc / l).to(q.dtype)
+    return out
+
+
 def _kernel_diagnose(case: Case, got) -> str | None:
     p = case.data["problem"]
+    close = lambda e, g: compare_tensors(e, g, atol=ATOL, rtol=RTOL)
+    if matches(_online(p, case.data["block_n"], rescale_acc=False), got, close):
+        return ("Your accumulator is not rescaled: when a tile raises the running max, what acc summed so far was "
+                "weighted by exp(score - old max) and must be multiplied by alpha = exp(m_i - m_new) before this "
+                "tile's p @ v is added (the same for l_i).")
+    if matches(_online(p, case.data["block_n"], rescale_l=False), got, close):
+        return ("Your running sum l_i is not rescaled: multiply it by alpha = exp(m_i - m_new) before adding this "
+                "tile's sum(p), as acc is.")
     if matches(_padded_tiles(p, case.data["block_n"]), got, lambda e, g: compare_tensors(e, g, atol=ATOL, rtol=RTOL)):
         return ("Tokens at or past seq_len must not count: their masked loads read k = 0, so their score is 0, not "
                 "-inf, and exp(0 - m) still adds to l_i. Set s = tl.where(mask, s, float(\"-inf\")) before the max.")
