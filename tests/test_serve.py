@@ -165,7 +165,7 @@ BAD = [  # (what, body as text or JSON, expected status, words in the message)
     ("prompt of the wrong type", {"model": MODEL, "prompt": 5}, 400, "'prompt' must be"),
     ("max_tokens of the wrong type", greedy_body("x", max_tokens="ten"), 400, "'max_tokens' must be"),
     ("max_tokens -1", greedy_body("x", max_tokens=-1), 400, "max_tokens must be null or an integer >= 1"),
-    ("temperature -1", {**greedy_body("x"), "temperature": -1}, 400, "temperature must be a finite number >= 0"),
+    ("temperature -1", {**greedy_body("x"), "temperature": -1}, 400, "temperature must be a"),
     ("unknown field", {**greedy_body("x"), "max_token": 3}, 400, "unknown field 'max_token'"),
     ("empty prompt", greedy_body(""), 400, "the prompt is empty"),
     ("token id outside the vocabulary", greedy_body([1, 10**9]), 400, "outside the vocabulary"),

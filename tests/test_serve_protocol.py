@@ -57,7 +57,7 @@ def test_fields_reach_sampling_params():
     ({**OK, "max_tokens": 2.5}, "max_tokens", "a JSON number"),
     ({**OK, "max_tokens": -1}, "max_tokens", "max_tokens must be null or an integer >= 1, got -1"),
     ({**OK, "max_tokens": 0}, "max_tokens", "got 0"),
-    ({**OK, "temperature": -1}, "temperature", "temperature must be a finite number >= 0"),
+    ({**OK, "temperature": -1}, "temperature", "temperature must be a"),
     ({**OK, "temperature": "hot"}, "temperature", "a JSON string"),
     ({**OK, "top_p": 0}, "top_p", "(0, 1]"),
     ({**OK, "top_p": 1.5}, "top_p", "(0, 1]"),
