@@ -206,12 +206,17 @@ def test_values_the_engine_cannot_run_are_refused_naming_their_field(hostile):
         assert [c["index"] for c in r.json()["choices"]] == [0, 1]
 
 
-def test_a_top_k_above_the_vocabulary_completes_or_is_refused_naming_top_k(hostile):
+def test_a_top_k_above_the_vocabulary_is_refused_by_the_engine_naming_top_k(hostile):
+    """SamplingParams takes top_k up to 2**31 - 1; the engine knows the vocabulary (49,152 here)."""
     server, _ = hostile
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 1, "top_k": 10**6}
-    (r,) = beside(hostile, post(server.url + "/v1/completions", body))
-    if r.status_code != 200:
-        assert_error(r, 400, "top_k", "top_k")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "temperature": 1, "top_k": 49153}
+    ok = {**body, "top_k": 49152}
+    r, rc, fine = beside(hostile, post(server.url + "/v1/completions", body),
+                         post(server.url + "/v1/chat/completions", chat), post(server.url + "/v1/completions", ok))
+    assert_error(r, 400, "top_k", "top_k must be at most the vocabulary size (49152)", "got 1000000")
+    assert_error(rc, 400, "top_k", "got 49153")
+    assert fine.status_code == 200
 
 
 def test_streaming_over_http10_is_refused_and_a_whole_answer_is_sent_with_a_length(hostile):
