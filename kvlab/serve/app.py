@@ -325,6 +325,10 @@ class TimedHttpProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a response is still going out (a pipelined request waits behind it): look again later
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+            return
         if self._head_bytes == 0 and self.cycle is None:
             self.transport.close()           # a connection that never sent anything: no one to answer
         else:
