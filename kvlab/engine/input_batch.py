@@ -74,6 +74,7 @@ class InputBatch:
         self.top_p = np.ones(max_num_seqs, dtype=np.float32)
         self.num_logprobs = np.full(max_num_seqs, -1, dtype=np.int32)  # -1: not asked
         self.generators: list[torch.Generator | None] = [None] * max_num_seqs
+        self._kept: dict[SeqId, torch.Generator] = {}                # preempted seeded sequences' generators
 
     @property
     def num_rows(self) -> int:
@@ -84,7 +85,9 @@ class InputBatch:
         """Give a new sequence a row: its tokens and sampling parameters. Raises (and takes no row)
         if its parameters cannot be turned into what the sampler runs."""
         p = new.params
-        generator = self.make_generator(p, new.seq_id[1])             # may raise: before the row is taken
+        generator = self._kept.pop(new.seq_id, None)                   # back after a preemption: same stream
+        if generator is None:
+            generator = self.make_generator(p, new.seq_id[1])         # may raise: before the row is taken
         top_k = self.vocab_size if p.top_k <= 0 else min(p.top_k, self.vocab_size)
         row = heapq.heappop(self._free_rows)
         self.row_of[new.seq_id] = row
@@ -96,11 +99,17 @@ class InputBatch:
         self.generators[row] = generator
         return row
 
-    def remove(self, seq_id: SeqId) -> None:
+    def remove(self, seq_id: SeqId, preempted: bool = False) -> None:
+        """Free the sequence's row. A preempted sequence comes back later: its random generator is
+        kept, so that a seeded request draws the same stream however often it is preempted."""
         row = self.row_of.pop(seq_id, None)
         if row is not None:                     # None: it never got a row (its step failed first)
+            if preempted and self.generators[row] is not None:
+                self._kept[seq_id] = self.generators[row]
             self.generators[row] = None
             heapq.heappush(self._free_rows, row)
+        elif not preempted:
+            self._kept.pop(seq_id, None)
 
     def record_sampled(self, seq_ids: list[SeqId], token_ids: list[int]) -> None:
         """Sampled ids reached the host: they become known tokens of their rows (rows that left

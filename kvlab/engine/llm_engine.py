@@ -202,6 +202,21 @@ class LLMEngine:
                 outputs += self._finish(previous)
         elif launched is not None:
             outputs += self._finish(launched)
+        if not self.scheduler.has_unfinished():
+            outputs += self._drain()
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        """Every request is done: collect the step still in flight (it computed only tokens of
+        sequences that had ended: dropped) and let the runner free the rows of those that left, so
+        that an idle engine holds nothing."""
+        outputs = []
+        if self._in_flight is not None:
+            launched, self._in_flight = self._in_flight, None
+            outputs = self._finish(launched)
+        out = self.scheduler.schedule()
+        if out.finished_seq_ids or out.preempted_seq_ids:
+            self.runner.execute_model(out)
         return outputs
 
     def _schedule_and_launch(self) -> _Launched | None:
@@ -361,8 +376,8 @@ class LLMEngine:
         capacity = self.runner.num_blocks * self.args.block_size
         if capacity >= self.max_model_len:
             return
-        pool = (f"the KV pool holds {self.runner.num_blocks} blocks x {self.args.block_size} tokens = {capacity} "
-                f"tokens")
+        blocks = f"{self.runner.num_blocks} block{'s' if self.runner.num_blocks != 1 else ''}"
+        pool = f"the KV pool holds {blocks} x {self.args.block_size} tokens = {capacity} tokens"
         if self.args.max_model_len is not None:
             raise ValueError(f"max_model_len={self.max_model_len} does not fit: {pool}, less than one sequence of "
                              f"max_model_len needs; give the pool more (num_kv_blocks, kv_cache_memory_bytes, "

@@ -225,6 +225,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.profile_peak_bytes = 0
         self.num_blocks = config.num_kv_blocks or self._size_kv_pool()
+        self._check_memory()                              # before anything large is allocated
         self.cache = PagedKVCache.from_spec(self.spec, self.num_blocks, self.block_size, dtype=self.dtype,
                                             device=self.device)
         self.attn = EngineAttention(self.cache, self.backend)
@@ -295,8 +296,10 @@ class ModelRunner:
         """Apply the scheduler's changes to the persistent batch. Returns the new sequences that could
         not join (their request fails; the others run)."""
         batch = self.batch
-        for seq_id in out.finished_seq_ids + out.preempted_seq_ids:
+        for seq_id in out.finished_seq_ids:
             batch.remove(seq_id)
+        for seq_id in out.preempted_seq_ids:
+            batch.remove(seq_id, preempted=True)
         failed = {}
         for new in out.new_seqs:
             try:
@@ -542,10 +545,19 @@ class ModelRunner:
     def _size_kv_pool(self) -> int:
         cfg = self.config
         if cfg.kv_cache_memory_bytes is not None:
-            return max(1, cfg.kv_cache_memory_bytes // self.block_bytes)
+            if cfg.kv_cache_memory_bytes < self.block_bytes:
+                raise ValueError(f"kv_cache_memory_bytes={cfg.kv_cache_memory_bytes:,} is less than one KV block "
+                                 f"({self.block_bytes:,} bytes: 2 x {self.spec.num_layers} layers x block_size "
+                                 f"{self.block_size} x {self.spec.num_kv_heads} KV heads x head_dim "
+                                 f"{self.spec.head_dim} x {self.dtype.itemsize} bytes)")
+            return cfg.kv_cache_memory_bytes // self.block_bytes
         if not self.is_cuda:
+            if self.block_bytes > CPU_DEFAULT_KV_BYTES:
+                raise ValueError(f"block_size={self.block_size} makes one KV block {_gib(self.block_bytes)}, more "
+                                 f"than the CPU's default KV pool of {_gib(CPU_DEFAULT_KV_BYTES)}: lower block_size, "
+                                 f"or set kv_cache_memory_bytes")
             full = cfg.max_num_seqs * self.max_blocks           # every row at full length
-            return max(1, min(full, CPU_DEFAULT_KV_BYTES // self.block_bytes))
+            return min(full, CPU_DEFAULT_KV_BYTES // self.block_bytes)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -561,6 +573,31 @@ class ModelRunner:
                                f"{self.profile_peak_bytes / GiB:.2f} GiB activation peak; raise "
                                f"gpu_memory_utilization or lower max_num_batched_tokens")
         return int(budget // self.block_bytes)
+
+    def _check_memory(self) -> None:
+        """Refuse what this machine cannot hold, before allocating it, naming the setting: the KV pool
+        (on the GPU: its free memory; on the CPU: the available RAM) and the persistent batch's host
+        arrays (max_num_seqs rows of max_model_len token ids)."""
+        import psutil
+
+        cfg = self.config
+        kv = self.num_blocks * self.block_bytes
+        rows = cfg.max_num_seqs * (self.max_model_len + self.max_blocks) * 4        # token ids, block tables
+        ram = psutil.virtual_memory().available
+        if cfg.num_kv_blocks is not None:
+            setting = f"num_kv_blocks={cfg.num_kv_blocks:,}"
+        elif cfg.kv_cache_memory_bytes is not None:
+            setting = f"kv_cache_memory_bytes={cfg.kv_cache_memory_bytes:,}"
+        else:
+            setting = f"block_size={cfg.block_size}"
+        where, free = ("GPU", torch.cuda.mem_get_info(self.device)[0]) if self.is_cuda else ("RAM", ram - rows)
+        if kv > free:
+            raise ValueError(f"{setting} asks for a KV pool of {self.num_blocks:,} blocks x {self.block_bytes:,} bytes "
+                             f"= {_gib(kv)}, and {_gib(max(free, 0))} of {where} is free: ask for less")
+        if rows > ram:
+            raise ValueError(f"max_num_seqs={cfg.max_num_seqs:,} rows of max_model_len={self.max_model_len:,} tokens "
+                             f"need {_gib(rows)} of host memory for the runner's batch, and {_gib(ram)} is "
+                             f"available: lower max_num_seqs or max_model_len")
 
     def _profile_step(self) -> None:
         """The largest step's activations: max_num_batched_tokens tokens of one sequence, logits for
@@ -579,3 +616,7 @@ class ModelRunner:
                               needs_filter=True, num_logprobs=-1)
         sample(logits, batch, self.generator)
         torch.cuda.synchronize()
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:,.2f} GiB"

@@ -71,7 +71,7 @@ class SchedulerOutput:
     num_computed_tokens: dict[SeqId, int]           # tokens each scheduled sequence has cached before the step
     block_updates: dict[SeqId, tuple[int, list[int]]]   # table entries from `start` on (BlockAllocator.pop_table_updates)
     copies: list[tuple[int, int]]                   # copy-on-write (src, dst) blocks to copy before this step's writes
-    finished_seq_ids: list[SeqId]                   # ended since the last step (finished, aborted): rows to free
+    finished_seq_ids: list[SeqId]                   # ended since the last step (finished, aborted): forget them
     preempted_seq_ids: list[SeqId]                  # sent back to the queue in this step: rows to free
     admission_stop: str | None = None               # why admission stopped (None: nobody was waiting)
 
@@ -255,9 +255,9 @@ class Scheduler:
         if seq.status == SequenceStatus.RUNNING:
             self._release(seq)
             self.running.remove(seq)
-            self._left.append(seq.seq_id)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._left.append(seq.seq_id)                      # the runner forgets it (row, generator)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
