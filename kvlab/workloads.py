@@ -268,18 +268,18 @@ def alpaca_like(n: int = 1000, seed: int = 0, *, rate: float | None = None, max_
 
 def uniform(n: int = 1000, seed: int = 0, *, prompt_range: tuple[int, int] = (1, 512),
             output_range: tuple[int, int] = (1, 512), rate: float | None = None, max_len: int = 2048) -> Workload:
-    """Prompt and output lengths uniform on the inclusive ranges, outputs clipped so prompt + output
-    <= max_len. Every prompt of prompt_range must fit with one output token (hi <= max_len - 1):
-    clipping prompts instead would pile them up at max_len - 1 without a word."""
+    """Prompt and output lengths uniform on the inclusive ranges, clipped so prompt + output <= max_len
+    (a prompt to max_len - 1 tokens, its output to the rest). A prompt_range that lies wholly above
+    max_len - 1 is refused: every prompt would be max_len - 1 tokens."""
     n, max_len, seed = _check_common(n, max_len, seed)
     prompt_range, output_range = _check_range("prompt_range", prompt_range), _check_range("output_range", output_range)
-    if prompt_range[1] > max_len - 1:
+    if prompt_range[0] > max_len - 1:
         raise ValueError(f"prompt_range {prompt_range} does not fit max_len={max_len}: a prompt may have at most "
-                         f"max_len - 1 = {max_len - 1} tokens (one output token at least); lower the range or "
-                         f"raise max_len")
+                         f"max_len - 1 = {max_len - 1} tokens (one output token at least), so every prompt would "
+                         f"have {max_len - 1}; lower the range or raise max_len")
     _check_rate(rate)
     rng = np.random.default_rng([seed, 0])
-    p = rng.integers(prompt_range[0], prompt_range[1] + 1, n)
+    p = np.minimum(rng.integers(prompt_range[0], prompt_range[1] + 1, n), max_len - 1)
     o = np.clip(rng.integers(output_range[0], output_range[1] + 1, n), 1, max_len - p)
     return Workload(p, o, poisson_arrivals(n, rate, seed), name="uniform")
 

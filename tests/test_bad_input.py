@@ -489,10 +489,12 @@ def test_uniform_refuses_a_prompt_range_that_does_not_fit_max_len():
     with pytest.raises(ValueError, match=r"prompt_range \(3000, 4000\) does not fit max_len=2048: a prompt may have "
                                          r"at most max_len - 1 = 2047 tokens"):
         workloads.uniform(10, prompt_range=(3000, 4000))
-    with pytest.raises(ValueError, match="prompt_range"):
-        workloads.uniform(10, prompt_range=(1000, 3000))          # half of them would have been clipped
+    with pytest.raises(ValueError, match="so every prompt would have 2047"):
+        workloads.uniform(10, prompt_range=(2048, 2048))
     wl = workloads.uniform(200, prompt_range=(2000, 2047), output_range=(1, 100))
     assert wl.prompt_len.min() >= 2000 and wl.prompt_len.max() <= 2047 and wl.total_len.max() <= 2048
+    wl = workloads.uniform(2000, prompt_range=(1000, 3000))      # partly above: clipped there, as documented
+    assert wl.prompt_len.min() >= 1000 and wl.prompt_len.max() == 2047 and wl.total_len.max() <= 2048
 
 
 def test_a_memory_map_too_large_names_the_parameter_that_was_passed():
