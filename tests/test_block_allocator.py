@@ -108,8 +108,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.do_allocate(tokens)
 
     @precondition(lambda self: self.tokens)
-    @rule(data=st.data(), token=st.integers(0, 2))
-    def append(self, data, token):
+    @rule(data=st.data(), token=st.integers(0, 2), two_phase=st.booleans())
+    def append(self, data, token, two_phase):
+        """append_token, or (two_phase) append_slot first and the token's id later, as an engine
+        with asynchronous scheduling does: the same slot, the same blocks, the same copies."""
         sid = data.draw(st.sampled_from(sorted(self.tokens)))
         n = len(self.tokens[sid])
         before = snapshot(self.alloc)
@@ -126,7 +128,13 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert snapshot(self.alloc) == before
             return
         old_table = self.alloc.block_table(sid)
-        slot = self.alloc.append_token(sid, token)
+        if two_phase:
+            slot = self.alloc.append_slot(sid)
+            assert self.alloc.token_ids(sid) == self.tokens[sid]          # the id is not known yet
+            free = self.alloc.num_free_blocks
+            assert self.alloc.append_token(sid, token) == slot and self.alloc.num_free_blocks == free
+        else:
+            slot = self.alloc.append_token(sid, token)
         copies = self.alloc.pop_copies()
         table = self.alloc.block_table(sid)
         block, offset = divmod(slot, BS)
@@ -199,6 +207,22 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert all(self.alloc.ref_count(b) == 0 for b in range(NB))
 
     # ------------------------------------------------------------ invariants
+    @invariant()
+    def table_updates_rebuild_every_table(self):
+        """A mirror of the block tables kept only from pop_table_updates() (as the engine's model
+        runner keeps one on the GPU) equals every live sequence's table."""
+        if not hasattr(self, "alloc"):
+            return
+        mirror = self.__dict__.setdefault("mirror", {})
+        for sid, (start, ids) in self.alloc.pop_table_updates().items():
+            assert sid in self.tokens                                  # freed sequences are left out
+            assert 0 <= start <= len(mirror.get(sid, []))               # a new one starts at 0
+            mirror[sid] = mirror.get(sid, [])[:start] + ids
+        for sid in list(mirror):
+            if sid not in self.tokens:
+                del mirror[sid]
+        assert mirror == {sid: self.alloc.block_table(sid) for sid in self.tokens}
+
     @invariant()
     def ref_counts_match_tables(self):
         if not hasattr(self, "alloc"):
@@ -420,6 +444,28 @@ def test_prefix_cache_never_hits_blocks_whose_prefill_did_not_run():
     assert alloc.num_cached_tokens("third") == 4            # only the computed block is a hit
     with pytest.raises(ValueError, match="num_tokens"):
         alloc.mark_computed("next", 10)
+
+
+def test_prefix_hashes_are_the_chained_hashes_of_the_full_blocks_a_prompt_can_hit():
+    """prefix_hashes, written out by hand: block i's name hashes (block i - 1's name, its tokens);
+    the block of the last token is left out; a longer prompt extends a shorter one's list; the
+    allocator answers the same with the hashes passed in as without."""
+    from kvlab.paged.block_allocator import block_hash
+
+    alloc = BlockAllocator(16, 4, enable_prefix_caching=True)
+    tokens = list(range(10, 23))                                   # 13 tokens: blocks 0..2 full, 3 holds the last
+    h0 = block_hash(-1, tokens[0:4])
+    h1 = block_hash(h0, tokens[4:8])
+    h2 = block_hash(h1, tokens[8:12])
+    assert alloc.prefix_hashes(tokens) == [h0, h1, h2]
+    assert alloc.prefix_hashes(tokens[:12]) == [h0, h1]            # block 2 holds the last token
+    assert alloc.prefix_hashes(tokens, known=[h0]) == [h0, h1, h2]
+    assert BlockAllocator(16, 4).prefix_hashes(tokens) == []        # no prefix caching: nothing to name
+    alloc.allocate_sequence("a", tokens)
+    alloc.mark_computed("a", 13)
+    again = tokens[:9] + [99] * 4
+    assert alloc.free_blocks_needed(again) == alloc.free_blocks_needed(again, alloc.prefix_hashes(again)) == 2
+    assert alloc.allocate_sequence("b", again, alloc.prefix_hashes(again))[:2] == alloc.block_table("a")[:2]
 
 
 def test_can_allocate_counts_hits_that_are_in_use():

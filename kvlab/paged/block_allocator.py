@@ -72,6 +72,11 @@ class _Sequence:
     token_ids: list[int]
     block_hashes: list[int] = field(default_factory=list)  # chained hash of each full, computed block
     num_cached_tokens: int = 0
+    num_reserved: int = 0                    # slots past token_ids whose token ids are not known yet
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.token_ids) + self.num_reserved
 
 
 def _check_seq_id(name: str, seq_id):
@@ -116,6 +121,11 @@ class BlockAllocator:
         mark_computed(seq_id, num_tokens)    after a forward pass: register full blocks (prefix cache)
         fork(parent_id, child_id)            free_sequence(seq_id)
         pop_copies() -> [(src, dst), ...]    copy-on-write copies the cache must perform
+        pop_table_updates() -> {seq_id: (start, block ids)}   what changed in the block tables
+
+    And one for an engine that schedules a step before the previous step's token is known
+    (asynchronous scheduling, kvlab.engine): append_slot(seq_id) -> slot gives the next token
+    its slot now; the append_token that brings its id later fills that slot.
 
     Every method checks its arguments first and raises before changing anything.
     """
@@ -136,6 +146,7 @@ class BlockAllocator:
         self._hash_to_block: dict[int, int] = {}
         self._seqs: dict[SeqId, _Sequence] = {}
         self._copies: list[tuple[int, int]] = []
+        self._table_changes: dict[SeqId, int] = {}           # sequence -> first table index changed
 
     # ------------------------------------------------------------------ queries
 
@@ -181,41 +192,44 @@ class BlockAllocator:
         """Where token `position` of the sequence lives: block_id * block_size + offset."""
         seq = self._seq(seq_id)
         position = checks.integer("position", position)
-        if not 0 <= position < len(seq.token_ids):
+        if not 0 <= position < seq.num_slots:
             raise ValueError(f"position {position} out of range for sequence {seq_id!r} "
-                             f"with {len(seq.token_ids)} tokens")
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+                             f"with {seq.num_slots} slots")
+        return self._slot(seq, position)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     # ------------------------------------------------------------------ allocate
 
-    def free_blocks_needed(self, token_ids: Sequence[int]) -> int:
+    def free_blocks_needed(self, token_ids: Sequence[int], prefix_hashes: list[int] | None = None) -> int:
         """Free blocks allocate_sequence(…, token_ids) would take now: new blocks, plus prefix-cache
-        hits that sit free (reusing them takes them out of the free pool); hits in use cost none."""
-        return self._free_blocks_needed(self._check_tokens(token_ids))
+        hits that sit free (reusing them takes them out of the free pool); hits in use cost none.
+        prefix_hashes: `self.prefix_hashes(token_ids)`, if the caller keeps them (a request waiting
+        at the head of a queue is asked about every step; its blocks are hashed once)."""
+        return self._free_blocks_needed(self._check_tokens(token_ids), prefix_hashes)
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         """Would allocate_sequence(…, token_ids) succeed now? (Counts prefix-cache hits.)"""
         return self.free_blocks_needed(token_ids) <= self.num_free_blocks
 
-    def allocate_sequence(self, seq_id: SeqId, token_ids: Sequence[int]) -> list[int]:
+    def allocate_sequence(self, seq_id: SeqId, token_ids: Sequence[int],
+                          prefix_hashes: list[int] | None = None) -> list[int]:
         """Give a new sequence the blocks for its prompt; return its block table.
 
         With prefix caching, leading full blocks already in the cache are reused (their
         count goes up) instead of taken; the block holding the last prompt token is never a
         hit, so prefill always computes at least one token (the one whose logits sample the
         next token). The new blocks are not registered yet: `mark_computed` does that once
-        the forward pass has written their K/V."""
+        the forward pass has written their K/V. prefix_hashes: as in free_blocks_needed."""
         if _check_seq_id("seq_id", seq_id) in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         token_ids = self._check_tokens(token_ids)
-        needed = self._free_blocks_needed(token_ids)
+        needed = self._free_blocks_needed(token_ids, prefix_hashes)
         if needed > self.num_free_blocks:
             raise OutOfBlocksError(f"sequence {seq_id!r} with {len(token_ids)} tokens needs "
                                    f"{needed} free blocks, only {self.num_free_blocks} are free")
-        hits, hashes = self._match_prefix(token_ids)
+        hits, hashes = self._match_prefix(token_ids, prefix_hashes)
         table = []
         for block_id in hits:                       # reuse cached blocks (count + 1)
             self._ref_cached(block_id)
@@ -224,6 +238,7 @@ class BlockAllocator:
             table.append(self._take_free_block())
         self._seqs[seq_id] = _Sequence(table, token_ids, block_hashes=hashes[:len(hits)],
                                        num_cached_tokens=len(hits) * self.block_size)
+        self._table_changes[seq_id] = 0
         return list(table)
 
     # ------------------------------------------------------------------ append
@@ -238,17 +253,41 @@ class BlockAllocator:
         A new block is taken only when the last block is full. If the last block is
         partly filled and shared (after a fork), the writer is moved to a fresh block and
         the copy (source, destination) is queued for `pop_copies()`: perform it before
-        writing this token's K/V."""
+        writing this token's K/V. If `append_slot` reserved a slot for this token earlier,
+        that slot is the one: nothing is taken."""
         seq = self._seq(seq_id)
         token_id = self._check_token(token_id)
+        if seq.num_reserved:                        # its slot was handed out before its id was known
+            seq.num_reserved -= 1
+            seq.token_ids.append(token_id)
+            return self._slot(seq, len(seq.token_ids) - 1)
+        slot = self._new_slot(seq_id, seq)
+        seq.token_ids.append(token_id)
+        return slot
+
+    def append_slot(self, seq_id: SeqId) -> int:
+        """Give the sequence's next token a slot before its id is known; return the slot.
+
+        An engine with asynchronous scheduling plans step N + 1 while step N is still sampling:
+        the token step N samples must get its slot (step N + 1 writes its K/V) before anyone
+        knows which token it is. Its id arrives later with append_token, which fills this slot.
+        Blocks, copy-on-write and OutOfBlocksError as in append_token."""
+        seq = self._seq(seq_id)
+        slot = self._new_slot(seq_id, seq)
+        seq.num_reserved += 1
+        return slot
+
+    def _new_slot(self, seq_id: SeqId, seq: _Sequence) -> int:
+        """Take what the slot after the sequence's last one needs (a new block, or a private copy
+        of a shared last block) and return that slot."""
         needed = self._blocks_needed_to_append(seq)
         if needed > self.num_free_blocks:
             raise OutOfBlocksError(f"appending to sequence {seq_id!r} needs {needed} free block, "
                                    f"only {self.num_free_blocks} are free")
-        pos = len(seq.token_ids)
-        offset = pos % self.block_size
-        if offset == 0:                             # last block full (or none yet): a new one
+        pos = seq.num_slots
+        if pos % self.block_size == 0:              # last block full (or none yet): a new one
             seq.block_table.append(self._take_free_block())
+            self._table_changed(seq_id, len(seq.block_table) - 1)
         else:
             last = self._blocks[seq.block_table[-1]]
             if last.ref_count > 1:                  # shared and partly filled: copy-on-write
@@ -256,8 +295,11 @@ class BlockAllocator:
                 last.ref_count -= 1
                 seq.block_table[-1] = new_id
                 self._copies.append((last.block_id, new_id))
-        seq.token_ids.append(token_id)
-        return seq.block_table[-1] * self.block_size + offset
+                self._table_changed(seq_id, len(seq.block_table) - 1)
+        return self._slot(seq, pos)
+
+    def _slot(self, seq: _Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def mark_computed(self, seq_id: SeqId, num_tokens: int) -> None:
         """The forward pass has written the K/V of the sequence's first `num_tokens` tokens.
@@ -277,22 +319,35 @@ class BlockAllocator:
         copies, self._copies = self._copies, []
         return copies
 
+    def pop_table_updates(self) -> dict[SeqId, tuple[int, list[int]]]:
+        """What changed in the block tables since the last call: {seq_id: (start, block ids)}, the
+        table's entries from index `start` on (a new sequence or a fork: all of it; an append: the
+        new block; copy-on-write: the moved last block). Whoever mirrors the tables elsewhere (the
+        engine's model runner keeps them on the GPU) applies these and never reads a whole table.
+        Freed sequences are left out."""
+        updates = {seq_id: (start, self._seqs[seq_id].block_table[start:])
+                   for seq_id, start in self._table_changes.items()}
+        self._table_changes = {}
+        return updates
+
     # ------------------------------------------------------------------ fork / free
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> list[int]:
         """The child shares every block of the parent (each count + 1); nothing is copied
         until one of them appends into a shared, partly filled block. Returns the child's table.
 
-        Fork a sequence whose tokens are already in the cache (after the forward pass that
-        wrote them): copy-on-write copies run before a step's writes, so a block forked and
-        copied within the step that first fills it would be copied empty."""
+        A copy-on-write copy runs before the writes of the step that appends: the forward pass
+        that fills the shared blocks must come before that step (fork after it, or in the step
+        that fills them, as the engine does, if nobody appends until the next step), or the
+        block would be copied empty."""
         parent = self._seq(parent_id)
         if _check_seq_id("child_id", child_id) in self._seqs:
             raise ValueError(f"cannot fork into {child_id!r}: that sequence is already allocated")
         for block_id in parent.block_table:
             self._blocks[block_id].ref_count += 1
         self._seqs[child_id] = _Sequence(list(parent.block_table), list(parent.token_ids),
-                                         list(parent.block_hashes), parent.num_cached_tokens)
+                                         list(parent.block_hashes), parent.num_cached_tokens, parent.num_reserved)
+        self._table_changes[child_id] = 0
         return list(parent.block_table)
 
     def free_sequence(self, seq_id: SeqId) -> None:
@@ -301,6 +356,7 @@ class BlockAllocator:
         a later prompt) is evicted from the prefix cache before its head."""
         seq = self._seq(seq_id)
         del self._seqs[seq_id]
+        self._table_changes.pop(seq_id, None)
         for block_id in reversed(seq.block_table):
             block = self._blocks[block_id]
             block.ref_count -= 1
@@ -355,36 +411,47 @@ class BlockAllocator:
             raise ValueError(f"token ids must be >= 0, got {t}")
         return t
 
-    def _match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
-        """Cached blocks that hold the leading full blocks of token_ids (at most
-        (len - 1) // block_size of them), and the chained hashes of every full block
-        that was examined."""
-        hits: list[int] = []
-        hashes: list[int] = []
+    def prefix_hashes(self, token_ids: Sequence[int], known: list[int] | None = None) -> list[int]:
+        """The prefix-cache names of the blocks of token_ids that a new sequence can find in the
+        cache: the chained hash of each full block but the one holding the last token
+        ((len - 1) // block_size of them). known: the hashes of a shorter prefix of the same
+        tokens, computed earlier; they are extended, not recomputed. (Empty without prefix caching.)"""
+        hashes = list(known or [])
         if not self.enable_prefix_caching:
-            return hits, hashes
-        prev = _NO_PARENT
+            return hashes
         bs = self.block_size
-        for i in range((len(token_ids) - 1) // bs):
-            chunk = tuple(token_ids[i * bs:(i + 1) * bs])
-            h = block_hash(prev, chunk)
-            block_id = self._hash_to_block.get(h)
-            if block_id is None or self._blocks[block_id].token_ids != chunk:
-                break
-            hits.append(block_id)
-            hashes.append(h)
-            prev = h
-        return hits, hashes
+        for i in range(len(hashes), (len(token_ids) - 1) // bs):
+            hashes.append(block_hash(hashes[-1] if hashes else _NO_PARENT, token_ids[i * bs:(i + 1) * bs]))
+        return hashes
 
-    def _free_blocks_needed(self, token_ids: list[int]) -> int:
+    def _match_prefix(self, token_ids: list[int], prefix_hashes: list[int] | None = None
+                      ) -> tuple[list[int], list[int]]:
+        """Cached blocks that hold the leading full blocks of token_ids (at most
+        (len - 1) // block_size of them), and the hashes of those blocks."""
+        if not self.enable_prefix_caching:
+            return [], []
+        hashes = self.prefix_hashes(token_ids) if prefix_hashes is None else prefix_hashes
+        hits: list[int] = []
+        bs = self.block_size
+        for i, h in enumerate(hashes[:(len(token_ids) - 1) // bs]):
+            block_id = self._hash_to_block.get(h)
+            if block_id is None or self._blocks[block_id].token_ids != tuple(token_ids[i * bs:(i + 1) * bs]):
+                break                                    # a miss (or a 64-bit collision: contents differ)
+            hits.append(block_id)
+        return hits, hashes[:len(hits)]
+
+    def _free_blocks_needed(self, token_ids: list[int], prefix_hashes: list[int] | None = None) -> int:
         """Free blocks an allocation would consume: new blocks, plus hits that sit free in
         the cache (reusing them takes them out of the free pool)."""
-        hits, _ = self._match_prefix(token_ids)
+        hits, _ = self._match_prefix(token_ids, prefix_hashes)
         hits_in_use = sum(1 for b in hits if self._blocks[b].ref_count > 0)
         return self.blocks_needed(len(token_ids)) - hits_in_use
 
+    def _table_changed(self, seq_id: SeqId, index: int) -> None:
+        self._table_changes[seq_id] = min(index, self._table_changes.get(seq_id, index))
+
     def _blocks_needed_to_append(self, seq: _Sequence) -> int:
-        if len(seq.token_ids) % self.block_size == 0:
+        if seq.num_slots % self.block_size == 0:
             return 1
         return 1 if self._blocks[seq.block_table[-1]].ref_count > 1 else 0
 
