@@ -1,7 +1,8 @@
 """kvlab's engine against Hugging Face: greedy tokens equal HF `generate` for many prompts run
 together, under every scheduling regime (ample memory, a pool so small that preemption happens
 over and over, chunked prefill, prefix-cache hits, block sizes from 1 to 32 with scattered
-blocks), and the engine's own promises: every request finishes, every block is free at the end.
+blocks), with asynchronous scheduling off and on, and the engine's own promises: every request
+finishes, every block is free at the end.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_greedy_equals_hf_generate(smollm2, prompts, hf_outputs, name):
-    llm = LLM(model=smollm2, **CONFIGS[name])
+def test_greedy_equals_hf_generate(smollm2, prompts, hf_outputs, name, async_scheduling):
+    llm = LLM(model=smollm2, async_scheduling=async_scheduling, **CONFIGS[name])
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_outputs
     assert [o.prompt_token_ids for o in outs] == prompts
@@ -94,14 +96,15 @@ def test_greedy_equals_hf_generate(smollm2, prompts, hf_outputs, name):
     assert_clean(llm.engine)
 
 
-def test_prefix_cache_hits_give_the_same_tokens(smollm2, hf_outputs, prompts):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_prefix_cache_hits_give_the_same_tokens(smollm2, hf_outputs, prompts, async_scheduling):
     """The same prompts again, each after a shared system prefix (over 32 tokens) that a first request
     computes: the rest hit its blocks (after the step that computed them) and skip that prefill."""
     system = smollm2.encode("You are KV-Helper, a concise assistant for engineers who run large language "
                             "models in production. Answer briefly, with exact numbers where you know them, "
                             "and say when you are not sure.")
     assert len(system) >= 32
-    llm = LLM(model=smollm2, block_size=16)
+    llm = LLM(model=smollm2, block_size=16, async_scheduling=async_scheduling)
     engine = llm.engine
     engine.add_request("warm", system + prompts[0], SamplingParams(temperature=0, max_tokens=1))
     while engine.has_unfinished_requests():

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from kvlab.engine import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
-from kvlab.serve.protocol import (DONE_EVENT, ApiError, StreamEncoder, final_response, parse_chat, parse_completion,
+from kvlab.serve.protocol import (DONE_EVENT, ApiError, StreamEncoder, engine_error, final_response, parse_chat, parse_completion,
                                   refusal)
 
 OK = {"model": "m", "prompt": "Hello"}
@@ -197,3 +197,19 @@ def test_final_response_shapes():
     chat = final_response(parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]}), out, "m")
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hi there"}
+
+
+def test_a_request_the_engine_could_not_finish_is_a_server_error_not_a_choice():
+    """finish_reason "error" (the engine's step failed for this request; the engine went on) never
+    reaches a client as a finish reason: a 500 with OpenAI's error body, or that body as the stream's
+    last event."""
+    ok = _out([(0, "Hi", [1])], finished=True, reason="stop")
+    failed = _out([(0, "Hi", [1])], finished=True, reason="error")
+    failed.outputs[0].stop_reason = "the engine step failed: RuntimeError: CUDA error"
+    assert engine_error([ok]) is None
+    err = engine_error([ok, failed])
+    assert (err.status, err.code, err.type) == (500, "engine_error", "server_error")
+    assert err.message == "the engine could not finish this request: the engine step failed: RuntimeError: CUDA error"
+    enc = StreamEncoder(parse_completion({**OK, "stream": True}), "m")
+    (event,) = _events(enc.error(err))
+    assert event == err.body()

@@ -43,7 +43,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from kvlab.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from kvlab.serve.metrics import CONTENT_TYPE, ServerMetrics
-from kvlab.serve.protocol import (ApiError, GenerateRequest, StreamEncoder, final_response, parse_chat,
+from kvlab.serve.protocol import (ApiError, GenerateRequest, engine_error, StreamEncoder, final_response, parse_chat,
                                   parse_completion, refusal, to_json)
 
 logger = logging.getLogger("kvlab.serve")
@@ -171,9 +171,12 @@ class EngineResponse:
         encoder = StreamEncoder(self.req, self.server.model_name)
         try:
             async for outputs in self.stream:
-                data = encoder.encode(outputs)
+                error = engine_error(outputs)
+                data = encoder.error(error) if error is not None else encoder.encode(outputs)
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
+                if error is not None:
+                    break
         except EngineDeadError:                            # shutdown: end every choice with "abort"
             await send({"type": "http.response.body", "body": encoder.abort(range(self.req.params.n)),
                         "more_body": True})
@@ -186,6 +189,10 @@ class EngineResponse:
                 final = outputs[-1]
         except EngineDeadError as err:
             await _send_json(send, 503, ApiError(503, str(err), code="engine_unavailable").body())
+            return
+        error = engine_error([final])
+        if error is not None:
+            await _send_json(send, error.status, error.body())
             return
         await _send_json(send, 200, final_response(self.req, final, self.server.model_name))
 

@@ -302,6 +302,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def engine_error(outputs: list[RequestOutput]) -> ApiError | None:
+    """The 500 of a request the engine accepted and then could not run (finish_reason "error": its
+    step failed; the engine went on serving the others), or None."""
+    for out in outputs:
+        for o in out.outputs:
+            if o.finish_reason == "error":
+                return ApiError(500, f"the engine could not finish this request: {o.stop_reason}",
+                                code="engine_error")
+    return None
+
+
 def final_response(req: GenerateRequest, out: RequestOutput, model: str) -> dict:
     """The whole answer of a non-streaming request (out: the engine's final output)."""
     choices = []
@@ -363,6 +374,10 @@ class StreamEncoder:
                 choice["token_ids"] = ids
             events.append(self.event(choice))
         return b"".join(events)
+
+    def error(self, err: ApiError) -> bytes:
+        """The event that ends a stream the server could not finish: OpenAI's error body, as vLLM sends it."""
+        return b"data: " + to_json(err.body()).encode() + b"\n\n"
 
     def abort(self, indices: range) -> bytes:
         """Chunks that end every choice with finish_reason "abort" (the server is shutting down)."""
