@@ -9,6 +9,9 @@ decide for the same trace: this is the engine with the model taken out, fast eno
 for thousands of requests. Notebook 05 uses it to show what paging buys; the tests use
 it to hold `kvlab.fragmentation`'s fast simulator to the engine's rules.
 
+`trace_request` and `advance_without_model` are its two pieces, for other drivers of the same
+scheduler (kvlab.exercises checks a learner's scheduler step against it).
+
 It counts what an engine would see: blocks in use and requests running per step,
 prompt tokens admitted vs those the prefix cache supplied, preemptions and the tokens
 they made the engine compute again, and each request's admission and finish step.
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from kvlab.engine.outputs import RequestMetrics
 from kvlab.engine.sampling_params import SamplingParams
 from kvlab.engine.scheduler import Scheduler
-from kvlab.engine.sequence import Request
+from kvlab.engine.sequence import Request, Sequence
 from kvlab.paged.block_allocator import BlockAllocator
 
 
@@ -51,6 +54,25 @@ class TraceStats:
     def hit_rate(self) -> float:
         """Fraction of admitted prompt tokens served from the prefix cache."""
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def trace_request(request_id: str, prompt: Seq[int], output_len: int, arrival_step: int = 0) -> Request:
+    """A request of a trace: greedy, exactly `output_len` tokens (EOS ignored)."""
+    request = Request(request_id, None, list(prompt),
+                      SamplingParams(temperature=0, max_tokens=int(output_len), ignore_eos=True),
+                      RequestMetrics(arrival_time=arrival_step))
+    request.new_sequence(0, list(prompt))
+    return request
+
+
+def advance_without_model(scheduler: Scheduler, out) -> list[Sequence]:
+    """The step `out` with a runner that has no model: every sequence that samples in it gets token 0.
+    Returns the sequences that finished (their requests are removed from the scheduler)."""
+    sampled = {seq.seq_id: 0 for seq in scheduler.running if seq.num_pending}
+    finished = [seq for seq in scheduler.update_from_output(out, sampled) if seq.finished]
+    for seq in finished:
+        scheduler.pop_finished_request(seq.request.request_id)
+    return finished
 
 
 def replay(prompts: Seq[Seq[int]], output_lens: Seq[int], num_blocks: int, block_size: int = 16,
@@ -88,11 +110,7 @@ def replay(prompts: Seq[Seq[int]], output_lens: Seq[int], num_blocks: int, block
     while nxt < n or scheduler.has_unfinished():
         while nxt < n and (arrival_steps is None or arrival_steps[arrivals[nxt]] <= step):
             i = arrivals[nxt]
-            request = Request(str(i), None, list(prompts[i]),
-                              SamplingParams(temperature=0, max_tokens=int(output_lens[i]), ignore_eos=True),
-                              RequestMetrics(arrival_time=step))
-            request.new_sequence(0, list(prompts[i]))
-            scheduler.add(request)
+            scheduler.add(trace_request(str(i), prompts[i], output_lens[i], step))
             nxt += 1
         out = scheduler.schedule()
         for seq_id in out.num_scheduled_tokens:
@@ -105,11 +123,8 @@ def replay(prompts: Seq[Seq[int]], output_lens: Seq[int], num_blocks: int, block
         stats.scheduled_tokens.append(out.num_batched_tokens)
         stats.peak_blocks = max(stats.peak_blocks, allocator.num_used_blocks)
         stats.peak_running = max(stats.peak_running, len(scheduler.running))
-        sampled = {seq.seq_id: 0 for seq in scheduler.running if seq.num_pending}   # the runner with no
-        for seq in scheduler.update_from_output(out, sampled):                       # model: every token is 0
-            if seq.finished:
-                stats.finish_step[int(seq.request.request_id)] = step
-                scheduler.pop_finished_request(seq.request.request_id)
+        for seq in advance_without_model(scheduler, out):
+            stats.finish_step[int(seq.request.request_id)] = step
         step += 1
         if step > max_steps:
             raise RuntimeError(f"the trace did not finish in {max_steps} steps")

@@ -11,8 +11,7 @@ step, the scheduler's state just before `schedule()` and its decision, both as p
 
 The learner's `schedule_step(running, waiting, free_blocks, limits)` gets the same state and must
 return the same plan. Everything else in the exercises reads these plain records, so when the
-Scheduler's API changes (issue 16: `schedule()` returns a SchedulerOutput keyed by sequence id,
-`update` became `update_from_output`), only `_decision` and `_advance` below need to follow.
+Scheduler's API changes, only `_decision` below and kvlab.engine.replay's helpers need to follow.
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq_
 from dataclasses import dataclass, field
 
-from kvlab.engine.outputs import RequestMetrics
-from kvlab.engine.sampling_params import SamplingParams
+from kvlab.engine.replay import advance_without_model, trace_request
 from kvlab.engine.scheduler import Scheduler
-from kvlab.engine.sequence import Request
 from kvlab.paged.block_allocator import BlockAllocator
 
 
@@ -65,37 +62,9 @@ def _snapshot(seq) -> Seq:
 
 
 def _decision(out) -> StepPlan:
-    """The scheduler's output as a StepPlan."""
-    if hasattr(out, "num_scheduled_tokens"):              # SchedulerOutput keyed by sequence id (issue 16)
-        return StepPlan({seq_id[0]: n for seq_id, n in out.num_scheduled_tokens.items()},
-                        [seq_id[0] for seq_id in out.preempted_seq_ids])
-    return StepPlan({item.seq.request.request_id: item.num_new_tokens for item in out.scheduled},   # before it
-                    [seq.request.request_id for seq in out.preempted])
-
-
-def _advance(scheduler: Scheduler, out) -> list[str]:
-    """The runner with no model: every sequence that sampled gets token 0. Returns the finished request ids."""
-    if hasattr(scheduler, "update_from_output"):
-        sampled = {seq.seq_id: 0 for seq in scheduler.running if seq.num_pending}
-        advanced = scheduler.update_from_output(out, sampled)
-    else:
-        sampled = {seq: 0 for item in out.scheduled if item.samples for seq in (item.seq, *item.children)}
-        advanced = scheduler.update(out, sampled)
-    finished = [seq.request.request_id for seq in advanced if seq.finished]
-    for request_id in finished:
-        scheduler.pop_finished_request(request_id)
-    return finished
-
-
-def _new_request(request_id: str, prompt: list[int], output_len: int, step: int) -> Request:
-    request = Request(request_id, None, list(prompt),
-                      SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True),
-                      RequestMetrics(arrival_time=step))
-    try:
-        request.new_sequence(0, list(prompt))
-    except TypeError:                                     # the signature before issue 16 (a generator argument)
-        request.new_sequence(0, list(prompt), None)
-    return request
+    """The scheduler's output (a SchedulerOutput keyed by sequence id) as a StepPlan."""
+    return StepPlan({seq_id[0]: n for seq_id, n in out.num_scheduled_tokens.items()},
+                    [seq_id[0] for seq_id in out.preempted_seq_ids])
 
 
 def engine_steps(prompt_lens: Seq_[int], output_lens: Seq_[int], *, num_blocks: int, block_size: int,
@@ -112,14 +81,14 @@ def engine_steps(prompt_lens: Seq_[int], output_lens: Seq_[int], *, num_blocks: 
     while nxt < n or scheduler.has_unfinished():
         while nxt < n and (arrival_steps is None or arrival_steps[arrivals[nxt]] <= step):
             i = arrivals[nxt]
-            scheduler.add(_new_request(chr(ord("A") + i) if n <= 26 else f"r{i}", [7] * prompt_lens[i],
-                                       output_lens[i], step))
+            scheduler.add(trace_request(chr(ord("A") + i) if n <= 26 else f"r{i}", [7] * prompt_lens[i],
+                                        output_lens[i], step))
             nxt += 1
         state = StepState([_snapshot(s) for s in scheduler.running], [_snapshot(s) for s in scheduler.waiting],
                           allocator.num_free_blocks)
         out = scheduler.schedule()
         steps.append((state, _decision(out)))
-        _advance(scheduler, out)
+        advance_without_model(scheduler, out)
         step += 1
         if step > max_steps:
             raise RuntimeError(f"the trace did not finish in {max_steps} steps")
