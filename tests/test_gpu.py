@@ -54,19 +54,21 @@ def engine_for(hf, **kwargs):
     return kvlab.LLM(model=lm, skip_tokenizer_init=True, gpu_memory_utilization=0.3, **kwargs)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(max_num_batched_tokens=32, max_num_seqs=16),
                                     dict(num_kv_blocks=12, block_size=16)],
                          ids=["cuda graphs", "chunked prefill", "preemption"])
-def test_engine_greedy_equals_hf_generate_on_gpu(kwargs):
+def test_engine_greedy_equals_hf_generate_on_gpu(kwargs, async_scheduling):
     """fp32 (bf16 ties would make greedy tokens flip): 12 prompts of 3..150 tokens through kvlab's
     engine on the GPU: decode steps replay captured CUDA graphs (the Triton kernel inside), mixed
-    steps replay piecewise graphs with attention eager between them, blocks scattered; every token
-    equals HF generate's."""
+    steps replay piecewise graphs with attention eager between them, blocks scattered, with
+    asynchronous scheduling off and on; every token equals HF generate's. With it on, the host
+    plans some step while the GPU still runs the one before (the engine's own timestamps)."""
     hf = hf_model(torch.float32)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 9, 17, 33, 40, 64, 5, 90, 150, 12, 77, 1)]
     expected = [hf_greedy(hf, p, 20) for p in prompts]
-    llm = engine_for(hf, block_order_seed=0, **kwargs)
+    llm = engine_for(hf, block_order_seed=0, async_scheduling=async_scheduling, **kwargs)
     assert llm.engine.runner.graphs, "no CUDA graph was captured"
     outs = llm.generate(prompts, kvlab.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
@@ -77,6 +79,8 @@ def test_engine_greedy_equals_hf_generate_on_gpu(kwargs):
     if "num_kv_blocks" in kwargs:
         assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.allocator.num_free_blocks == llm.engine.allocator.num_blocks
+    overlapped = [b.spans["schedule"][0] < a.spans["device"][1] for a, b in zip(stats, stats[1:])]
+    assert any(overlapped) == async_scheduling
 
 
 def test_engine_bf16_with_cuda_graphs_runs_and_matches_eager():

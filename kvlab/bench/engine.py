@@ -616,43 +616,38 @@ def copy_bandwidth() -> float:
 
 
 def decode_step_analysis(lm, batches=(64, 256), context: int = 500) -> dict:
-    """kvlab's decode step at a fixed batch and context: measured (CUDA graph) against the bound
-    (weights + K/V read over the copy bandwidth); one eager step profiled by kernel kind."""
-    from kvlab import LLM, SamplingParams
+    """kvlab's decode step at a fixed batch and context, with CUDA graphs synchronous ("cuda_graph") and
+    with asynchronous scheduling ("async"), and eager: its period and GPU time (kvlab.bench.step_probe)
+    against the bound (weights + K/V read over the copy bandwidth); one eager step profiled by kernel kind."""
+    from kvlab import LLM
+    from kvlab.bench import step_probe
     from kvlab.memory import kv_bytes_per_token
 
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.hf_model.parameters())
     kv_tok = kv_bytes_per_token(lm.spec, kv_dtype="bfloat16")
     out = {"copy_bandwidth_GB_s": bw / 1e9, "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_tok}
+    steps = step_probe.probe(lm, batches, context, modes=("sync", "async", "eager"))
     rng = np.random.default_rng(1)
     for batch in batches:
-        row = {}
-        for eager in (False, True):
-            # every prompt prefilled in one step, so that all `batch` sequences then decode together
-            llm = LLM(model=lm, max_num_seqs=batch, max_num_batched_tokens=batch * context, max_model_len=1024,
-                      enforce_eager=eager, enable_prefix_caching=False, skip_tokenizer_init=True)
-            prompts = [rng.integers(3, 49152, context).tolist() for _ in range(batch)]
-            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
-            steps = [s for s in list(llm.engine.stats)[2:] if s.num_decode_seqs == batch]
-            key = "eager" if eager else "cuda_graph"
-            row[key] = dict(step_ms=1e3 * statistics.median(s.total_time for s in steps),
-                            forward_ms=1e3 * statistics.median(s.forward_time for s in steps),
-                            device_ms=1e3 * statistics.median(s.device_time for s in steps),
-                            host_ms=1e3 * statistics.median(s.host_time for s in steps))
-            if eager:
-                row["profile"] = _profile_decode_step(llm, batch, context, rng)
-            del llm
-            _free_gpu_memory()
+        row = {key: {**steps[f"batch_{batch}_{mode}"], "step_ms": steps[f"batch_{batch}_{mode}"]["period_ms"]}
+               for key, mode in (("cuda_graph", "sync"), ("async", "async"), ("eager", "eager"))}
+        llm = LLM(model=lm, max_num_seqs=batch, max_num_batched_tokens=batch * context, max_model_len=1024,
+                  enforce_eager=True, async_scheduling=False, enable_prefix_caching=False, skip_tokenizer_init=True)
+        row["profile"] = _profile_decode_step(llm, batch, context, rng)
+        del llm
+        _free_gpu_memory()
         ctx = context + 12                                     # mid-way through the 24 measured tokens
         bound_s = (weight_bytes + batch * ctx * kv_tok) / bw
-        row.update(context=ctx, bound_ms=1e3 * bound_s,
-                   kv_bytes=batch * ctx * kv_tok, tokens_per_s_graph=batch / (row["cuda_graph"]["step_ms"] / 1e3),
-                   bound_over_graph_step=bound_s * 1e3 / row["cuda_graph"]["step_ms"])
+        row.update(context=ctx, bound_ms=1e3 * bound_s, kv_bytes=batch * ctx * kv_tok,
+                   tokens_per_s_graph=batch / (row["cuda_graph"]["step_ms"] / 1e3),
+                   tokens_per_s_async=batch / (row["async"]["step_ms"] / 1e3),
+                   bound_over_graph_step=bound_s * 1e3 / row["cuda_graph"]["step_ms"],
+                   bound_over_async_step=bound_s * 1e3 / row["async"]["step_ms"])
         out[f"batch_{batch}"] = row
-        print(f"[decode] batch {batch}: graph step {row['cuda_graph']['step_ms']:.2f} ms (device "
-              f"{row['cuda_graph']['device_ms']:.2f}), eager {row['eager']['step_ms']:.2f} ms, bound "
-              f"{row['bound_ms']:.2f} ms", flush=True)
+        print(f"[decode] batch {batch}: step {row['cuda_graph']['step_ms']:.2f} ms synchronous, "
+              f"{row['async']['step_ms']:.2f} ms asynchronous (device {row['async']['device_ms']:.2f}), eager "
+              f"{row['eager']['step_ms']:.2f} ms, bound {row['bound_ms']:.2f} ms", flush=True)
     return out
 
 
