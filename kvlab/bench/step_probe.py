@@ -65,12 +65,26 @@ def decode_steps(lm, batch: int, context: int, tokens: int = 24, **llm_kwargs) -
         values = [getattr(s, name + "_time", None) for s in steps]
         out[name + "_ms"] = median_ms(values)
     out["host_ms"] = sum(out[k] or 0.0 for k in ("schedule_ms", "prepare_ms", "output_ms"))
+    out["lanes"] = lanes(steps[len(steps) // 2:len(steps) // 2 + LANE_STEPS])
     if out["period_ms"] and out["device_ms"]:
         out["period_over_device"] = out["period_ms"] / out["device_ms"]
     del llm
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+LANE_STEPS = 5
+
+
+def lanes(steps) -> list[dict]:
+    """The phases of a few consecutive steps, each (start, end) in ms from the first step's start: what
+    kvlab.ui.steps draws as a host lane and a GPU lane. Empty for engines that keep no spans."""
+    if not steps or not getattr(steps[0], "spans", None):
+        return []
+    t0 = steps[0].spans["schedule"][0]
+    return [{"step": s.step, **{phase: [1e3 * (a - t0), 1e3 * (b - t0)] for phase, (a, b) in s.spans.items()}}
+            for s in steps]
 
 
 def probe(lm, batches=(64, 256), context: int = 500, modes=("sync", "async", "eager"), tokens: int = 24) -> dict:
