@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine import EngineArgs, LLMEngine, RequestOutputKind

@@ -11,7 +11,6 @@ add up, lengths within max_len, a finite kernel output), so "no exception" is no
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 

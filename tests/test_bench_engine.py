@@ -3,7 +3,6 @@ every timed round, and the concurrency sweep runs HF with no kvlab engine beside
 batching is set up once, outside the timed runs, and its attention work is counted against what the
 requests need. Tiny random model, CPU."""
 
-import pytest
 
 from kvlab.bench import engine as bench
 

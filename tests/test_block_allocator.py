@@ -12,7 +12,6 @@ sequences and check it, after every step, against an independent model:
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch

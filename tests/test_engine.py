@@ -12,9 +12,8 @@ import random
 import pytest
 import torch
 
-import kvlab
 from kvlab import LLM, SamplingParams
-from kvlab.engine import LLMEngine, EngineArgs, RequestOutputKind
+from kvlab.engine import LLMEngine, EngineArgs
 
 SENTENCES = [
     "The factory production line optimization requires",

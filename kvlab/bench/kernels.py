@@ -121,7 +121,6 @@ def random_problem(seq_lens, num_heads=4, num_kv_heads=2, head_dim=32, block_siz
 def gather_kv(k_cache, v_cache, block_tables, context):
     """Gather through the block table: copies of K and V, (B, context, Hkv, D) in memory,
     returned as (B, Hkv, context, D) views."""
-    b = block_tables.shape[0]
     idx = block_tables.long()
     k = k_cache[idx].flatten(1, 2)[:, :context]          # (B, blocks * block_size, Hkv, D) -> (B, N, Hkv, D)
     v = v_cache[idx].flatten(1, 2)[:, :context]

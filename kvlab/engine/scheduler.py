@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvlab.engine.sampling_params import SamplingParams
 from kvlab.engine.sequence import Request, Sequence, SequenceStatus, SeqId

@@ -247,7 +247,7 @@ def _latency_diagnose(case: Case, got) -> str | None:
     token_events = [(t, k) for t, k in events if k]
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
         return "Return (ttft, itls): a number of seconds and a list of seconds."
-    ttft, itls = got[0], list(got[1])
+    itls = list(got[1])                       # got[0] (the TTFT) is checked elsewhere
     per_event = [b[0] - a[0] for a, b in zip(token_events, token_events[1:])]
     if _close(itls, per_event):
         return ("An event can carry several tokens (k of them): it adds k inter-token latencies of (its time - the "

@@ -25,7 +25,7 @@ import numpy as np
 from IPython.display import display
 
 from kvlab import checks, memory
-from kvlab.model.presets import PRESETS, list_presets
+from kvlab.model.presets import list_presets
 from kvlab.model.spec import ModelSpec
 from kvlab.ui.figures import error_html
 from kvlab.ui.widgets import Dropdown, IntText, SelectMultiple
