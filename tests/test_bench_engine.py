@@ -83,7 +83,7 @@ def test_hf_continuous_attention_work_is_counted(tiny_llama):
 
 def test_runs_merge_into_one_result(tmp_path):
     env = lambda day: {"gpu": "NVIDIA H200", "date": f"2026-12-0{day}T10:00:00+00:00", "git_commit": f"c{day}"}
-    parts = [{"environment": env(1), "workloads": {"A": {"systems": {}}}, "decode_step": {"batch_64": {}}},
+    parts = [{"environment": env(1), "workloads": {"A": {"systems": {}, "model": "m"}}, "decode_step": {"batch_64": {}}},
              {"environment": env(2), "workloads": {"C": {"systems": {}}}},
              {"environment": env(3), "workloads": {}, "concurrency": {"1": {"kvlab": 1.0, "hf_padded": 1.0}}}]
     paths = []
@@ -93,6 +93,7 @@ def test_runs_merge_into_one_result(tmp_path):
     assert bench.main(["--merge", *map(str, paths), "--out", str(tmp_path / "all.json")]) == 0
     merged = bench.results.load(tmp_path / "all.json")
     assert sorted(merged["workloads"]) == ["A", "C"] and merged["concurrency"] == parts[2]["concurrency"]
+    assert merged["model"] == "m" and merged["card"] == "NVIDIA H200" and merged["date"] == "2026-12-01"
     assert merged["environment"]["C"]["git_commit"] == "c2" and merged["environment"]["concurrency"]["date"][:10] == \
         "2026-12-03"
     assert str(bench.results.provenance(merged)) == "NVIDIA H200, 2026-12-01, commit c1; c2; c3"

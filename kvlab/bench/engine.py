@@ -701,6 +701,7 @@ def merge(paths) -> dict:
                 out[key] = r[key]
                 out["environment"][key] = env
     first = next(iter(out["environment"].values()), {})
+    out["model"] = next((res["model"] for res in out["workloads"].values() if res.get("model")), None)
     out["card"] = first.get("gpu") or f"CPU ({first.get('cpu_count')} cores)"
     out["date"] = str(first.get("date", ""))[:10]
     return out
