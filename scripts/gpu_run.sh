@@ -27,7 +27,7 @@ run() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"; timeout 
         echo "== $name: exit ${PIPESTATUS[0]} ($(date +%T))"; }
 for part in "$@"; do
   case $part in
-    tests)  run tests 330 python3 -m pytest -x -q -p no:cacheprovider tests/test_gpu.py tests/test_engine_attention.py \
+    tests)  run tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engine_attention.py \
                 tests/test_fused_kernels.py tests/test_prefill_attention.py tests/test_kernels.py
             run exercise_kernel 60 python3 -c "from kvlab.exercises import ch06; from kvlab.exercises.solutions \
                 import ch06 as s; print(ch06.check_paged_attention_kernel(s.paged_attention_kernel))" ;;
@@ -37,12 +37,13 @@ for part in "$@"; do
                   /tmp/step_probe.py --modes sync eager --out "$OUT/decode_before.json")
             fi
             run decode 240 python3 -m kvlab.bench.engine --workload --decode-analysis --out "$OUT/race_decode.json" ;;
-    race_c) run race_c 560 python3 -m kvlab.bench.engine --workload C --systems kvlab hf_padded hf_static_compile \
+    race_c) run race_c 480 python3 -m kvlab.bench.engine --workload C --systems kvlab hf_static_compile \
                 hf_continuous --out "$OUT/race_c.json" ;;
-    race_a) run race_a 240 python3 -m kvlab.bench.engine --workload A --subset-slow 8 --out "$OUT/race_a.json" ;;
-    sweep)  run sweep 200 python3 -m kvlab.bench.engine --workload --concurrency 1 4 16 64 256 --out "$OUT/race_sweep.json" ;;
-    serve1) run serve1 330 python3 -m kvlab.bench.serve --model smollm2-135m-random --dataset sharegpt \
-                --num-prompts 1000 --rates auto --seconds-per-rate 15 --min-prompts 50 --warmup 64 \
+    race_a) run race_a 240 python3 -m kvlab.bench.engine --workload A --systems kvlab hf_padded hf_static_compile \
+                hf_continuous hf_one_at_a_time --subset-slow 4 --out "$OUT/race_a.json" ;;
+    sweep)  run sweep 200 python3 -m kvlab.bench.engine --workload --concurrency 1 16 64 256 --out "$OUT/race_sweep.json" ;;
+    serve1) run serve1 300 python3 -m kvlab.bench.serve --model smollm2-135m-random --dataset sharegpt \
+                --num-prompts 1000 --rates auto --seconds-per-rate 10 --min-prompts 50 --warmup 64 \
                 --num-kv-blocks 40000 --slo-ttft-ms 500 --slo-tpot-ms 50 --stream-interval 1 --quiet \
                 --out "$OUT/serve_1.json" ;;
     serve8) run serve8 200 python3 -m kvlab.bench.serve --model smollm2-135m-random --dataset sharegpt \

@@ -114,8 +114,8 @@ class InputBatch:
     def record_sampled(self, seq_ids: list[SeqId], token_ids: list[int]) -> None:
         """Sampled ids reached the host: they become known tokens of their rows (rows that left
         in the meantime are skipped: their last token is dropped)."""
-        for seq_id, token in zip(seq_ids, token_ids):
-            row = self.row_of.get(seq_id)
-            if row is not None:
-                self.token_ids[row, self.num_known[row]] = token
-                self.num_known[row] += 1
+        rows = np.fromiter((self.row_of.get(s, -1) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+        live = rows >= 0
+        rows = rows[live]
+        self.token_ids[rows, self.num_known[rows]] = np.asarray(token_ids, dtype=np.int32)[live]
+        self.num_known[rows] += 1

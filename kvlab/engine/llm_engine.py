@@ -260,11 +260,12 @@ class LLMEngine:
         t0 = time.perf_counter()
         if result is None:                                 # the whole step failed: its requests end
             failed = {seq_id[0]: launched.error for seq_id in out.num_scheduled_tokens}
-            result = ModelRunnerOutput([], [], [])
+            result = ModelRunnerOutput([], [], None)
         else:
             failed = {seq_id[0]: message for seq_id, message in result.failed.items()}
         advanced = self.scheduler.update_from_output(out, result.sampled)
-        logprobs = {s: lp for s, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
+        logprobs = {} if result.logprobs is None else \
+            {s: lp for s, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
         outputs = self.output_processor.process(advanced, logprobs, failed)
         t1 = time.perf_counter()
         timing = result.timing
@@ -318,7 +319,8 @@ class LLMEngine:
             if not isinstance(ids, list):
                 raise TypeError(f"request {request_id!r}: prompt must be a str, a list of token ids or a prompt "
                                 f"dict, got {checks.shown(prompt)}")
-            bad = [t for t in ids if not isinstance(t, numbers.Integral) or checks._is_bool(t)]
+            bad = [] if all(type(t) is int for t in ids) else \
+                [t for t in ids if not isinstance(t, numbers.Integral) or checks._is_bool(t)]   # numpy ints pass
             if bad:
                 raise TypeError(f"request {request_id!r}: token ids must be integers, got {checks.shown(bad[0])} "
                                 f"among {checks.brief(ids)}")
@@ -381,6 +383,9 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.max_model_len} does not fit: {pool}, less than one sequence of "
                              f"max_model_len needs; give the pool more (num_kv_blocks, kv_cache_memory_bytes, "
                              f"gpu_memory_utilization) or lower max_model_len")
+        if capacity < 2:
+            raise ValueError(f"{pool}: a sequence needs at least 2 (a prompt token and a generated one); give the "
+                             f"pool more (num_kv_blocks, kv_cache_memory_bytes, block_size)")
         logger.warning("%s, less than the model's maximum of %d: max_model_len is lowered to %d (set "
                        "max_model_len or give the pool more to choose otherwise)", pool, self.max_model_len,
                        capacity)

@@ -117,7 +117,8 @@ class ModelRunnerOutput:
     """One step's result, plain data for Scheduler.update_from_output (vLLM v1's ModelRunnerOutput)."""
     seq_ids: list[SeqId]                                       # the sequences that sampled, in order
     sampled_token_ids: list[int]                               # one per sequence
-    logprobs: list[tuple[float, dict[int, float]] | None]      # per sequence: (chosen, top-k), if it asked
+    logprobs: list[tuple[float, dict[int, float]] | None] | None   # per sequence: (chosen, top-k) if it
+                                                                   # asked; None if no sequence asked
     failed: dict[SeqId, str] = field(default_factory=dict)     # new sequences the runner could not take
     timing: StepTiming = field(default_factory=StepTiming)
 
@@ -147,8 +148,9 @@ class PendingOutput:
         if self._events is not None:
             timing.device_start, timing.device_end = self._runner.host_times(*self._events[:2])
         self._runner.batch.record_sampled(self._seq_ids, token_list)
-        logprobs = [None] * len(self._seq_ids)
+        logprobs = None
         if self._logprobs is not None:
+            logprobs = [None] * len(self._seq_ids)
             chosen, top_ids, top_vals = (t.tolist() for t in self._logprobs)
             for i, k in enumerate(self._asked):
                 if k >= 0:
@@ -320,9 +322,10 @@ class ModelRunner:
         if not seq_ids:
             return None
         n_rows = len(seq_ids)
-        rows = np.fromiter((batch.row_of[s] for s in seq_ids), dtype=np.int64, count=n_rows)
-        num_new = np.fromiter((out.num_scheduled_tokens[s] for s in seq_ids), dtype=np.int64, count=n_rows)
-        context = np.fromiter((out.num_computed_tokens[s] for s in seq_ids), dtype=np.int64, count=n_rows)
+        row_of = batch.row_of
+        rows = np.fromiter((row_of[s] for s in seq_ids), dtype=np.int64, count=n_rows)
+        num_new = np.fromiter(map(out.num_scheduled_tokens.__getitem__, seq_ids), dtype=np.int64, count=n_rows)
+        context = np.fromiter(map(out.num_computed_tokens.__getitem__, seq_ids), dtype=np.int64, count=n_rows)
         ends = np.cumsum(num_new)
         starts = ends - num_new
         n_tokens = int(ends[-1])
@@ -343,17 +346,20 @@ class ModelRunner:
         h["rows"][:n_rows], h["seq_lens"][:n_rows], h["context_lens"][:n_rows] = rows, seq_lens, context
         h["query_start"][:n_rows - num_decode + 1] = np.concatenate([[0], np.cumsum(num_new[num_decode:])])
         # the sequences that sample: this step computes their last token (forked samples: the same row)
-        children: dict[SeqId, list[SeqId]] = {}
-        for new in out.new_seqs:
-            if new.sample_from is not None and new.seq_id in batch.row_of:
-                children.setdefault(new.sample_from, []).append(new.seq_id)
-        samples = seq_lens == batch.num_tokens[rows]
-        sampling, logit_rows = [], []
-        for i in np.flatnonzero(samples).tolist():
-            for s in (seq_ids[i], *children.get(seq_ids[i], ())):
-                sampling.append(s)
-                logit_rows.append(ends[i] - 1)
-        sample_rows = np.fromiter((batch.row_of[s] for s in sampling), dtype=np.int64, count=len(sampling))
+        samples = np.flatnonzero(seq_lens == batch.num_tokens[rows])
+        children = [n for n in out.new_seqs if n.sample_from is not None and n.seq_id in batch.row_of]
+        if not children:
+            sampling, logit_rows, sample_rows = [seq_ids[i] for i in samples.tolist()], ends[samples] - 1, rows[samples]
+        else:                                              # n > 1: each fork samples from its parent's row
+            forked: dict[SeqId, list[SeqId]] = {}
+            for new in children:
+                forked.setdefault(new.sample_from, []).append(new.seq_id)
+            sampling, logit_rows = [], []
+            for i in samples.tolist():
+                for s in (seq_ids[i], *forked.get(seq_ids[i], ())):
+                    sampling.append(s)
+                    logit_rows.append(ends[i] - 1)
+            sample_rows = np.fromiter((batch.row_of[s] for s in sampling), dtype=np.int64, count=len(sampling))
         batch.num_tokens[sample_rows] += 1                 # the token being sampled: pending until get_output
         k = len(sampling)
         h["logits_indices"][:k] = logit_rows

@@ -133,6 +133,11 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
         self.requests[request.request_id] = request
+        max_tokens = request.params.max_tokens
+        limit = self.max_model_len if max_tokens is None else min(len(request.prompt_token_ids) + max_tokens,
+                                                                  self.max_model_len)
+        for seq in request.sequences:
+            seq.max_num_tokens = limit
         self.waiting.extend(s for s in request.sequences if not s.finished)
 
     def has_unfinished(self) -> bool:
@@ -156,32 +161,32 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        decodes: dict[SeqId, int] = {}
-        chunks: dict[SeqId, int] = {}
-        computed: dict[SeqId, int] = {}
+        decodes: list[tuple[Sequence, int, int]] = []       # (sequence, tokens cached before, tokens now)
+        chunks: list[tuple[Sequence, int, int]] = []
         new_seqs: list[NewSequenceData] = []
         preempted: list[SeqId] = []
+        running = SequenceStatus.RUNNING
 
         # 1. decodes, oldest first; preempt the newest when blocks run out
         plenty = self.allocator.num_free_blocks >= len(self.running)    # each append takes <= 1 block
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.num_allocated_tokens > seq.num_computed_tokens:
+            if seq.status is not running or seq.num_allocated_tokens > seq.num_computed_tokens:
                 continue                                   # preempted above, or still prefilling (step 2)
-            if self._reached_length(seq):
+            if len(seq.token_ids) + seq.num_pending >= seq.max_num_tokens:
                 continue                                   # its pending token is its last: no more compute
             if budget == 0:
                 break
             while not plenty and not self.allocator.can_append(seq.seq_id):
-                victim = self.running[-1]
+                victim = self.running[-1]                  # the newest: never one scheduled above
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
                 if victim is seq:
                     break
-            if seq.status != SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue
             self._append_slot(seq)
-            computed[seq.seq_id] = seq.num_computed_tokens
-            decodes[seq.seq_id] = 1
+            decodes.append((seq, seq.num_computed_tokens, 1))
+            seq.num_computed_tokens += 1                   # moved now: the next schedule() may come first
             budget -= 1
 
         # 2. prompt chunks of sequences admitted in earlier steps
@@ -189,10 +194,10 @@ class Scheduler:
             if budget == 0:
                 break
             left = seq.num_allocated_tokens - seq.num_computed_tokens
-            if left > 0 and seq.seq_id not in decodes:
+            if left > 0:
                 n = min(left, budget)
-                computed[seq.seq_id] = seq.num_computed_tokens
-                chunks[seq.seq_id] = n
+                chunks.append((seq, seq.num_computed_tokens, n))
+                seq.num_computed_tokens += n
                 budget -= n
 
         # 3. admissions, first come first served, unless this step preempted someone
@@ -205,21 +210,19 @@ class Scheduler:
             self._admit(seq)
             new_seqs.append(NewSequenceData(seq.seq_id, list(seq.token_ids), seq.params))
             n = min(seq.num_allocated_tokens - seq.num_computed_tokens, budget)
-            computed[seq.seq_id] = seq.num_computed_tokens
-            chunks[seq.seq_id] = n
+            chunks.append((seq, seq.num_computed_tokens, n))
+            seq.num_computed_tokens += n
             budget -= n
 
         # one-token rows first (decodes, one-token chunks), then the longer chunks
-        scheduled = {**decodes, **{s: n for s, n in chunks.items() if n == 1},
-                     **{s: n for s, n in chunks.items() if n > 1}}
-        for seq_id, n in scheduled.items():             # advance now: the next schedule() may come first
-            seq = self.sequence(seq_id)
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:  # this step computes its last token: it samples
-                seq.num_pending += 1
+        rows = decodes + [c for c in chunks if c[2] == 1] + [c for c in chunks if c[2] > 1]
+        for seq, _, _ in rows:
+            if seq.num_computed_tokens == len(seq.token_ids) + seq.num_pending:   # it computes its last token:
+                seq.num_pending += 1                                              # it samples the next one
                 new_seqs += self._fork_if_first_sample(seq)
         self._left, left = [], self._left
-        return SchedulerOutput(new_seqs, scheduled, computed, self.allocator.pop_table_updates(),
+        return SchedulerOutput(new_seqs, {seq.seq_id: n for seq, _, n in rows},
+                               {seq.seq_id: before for seq, before, _ in rows}, self.allocator.pop_table_updates(),
                                self.allocator.pop_copies(), left, preempted, stop)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[SeqId, int]) -> list[Sequence]:
@@ -235,11 +238,12 @@ class Scheduler:
                     self.allocator.mark_computed(seq_id, min(out.num_computed_tokens[seq_id] + n, len(seq.token_ids)))
         advanced = []
         for seq_id, token in sampled.items():
-            seq = self.sequence(seq_id)
-            if seq is None or seq.finished:
+            request = self.requests.get(seq_id[0])
+            seq = None if request is None else request.sequences[seq_id[1]]
+            if seq is None or seq.status is SequenceStatus.FINISHED:
                 continue
             seq.num_pending -= 1
-            if seq.status == SequenceStatus.RUNNING and len(seq.token_ids) < seq.num_allocated_tokens:
+            if seq.status is SequenceStatus.RUNNING and len(seq.token_ids) < seq.num_allocated_tokens:
                 self.allocator.append_token(seq_id, token)  # its slot was taken while it was pending
             seq.token_ids.append(token)
             advanced.append(seq)
@@ -328,6 +332,7 @@ class Scheduler:
         children = []
         for i in range(1, request.params.n):
             child = request.new_sequence(i, seq.token_ids)
+            child.max_num_tokens = seq.max_num_tokens
             self.allocator.fork(seq.seq_id, child.seq_id)
             child.num_computed_tokens = child.num_allocated_tokens = seq.num_computed_tokens
             child.num_pending = seq.num_pending
@@ -363,11 +368,6 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _reached_length(self, seq: Sequence) -> bool:
-        """The sequence's newest (pending) token is its last by length: max_tokens or the model's maximum."""
-        max_tokens = seq.params.max_tokens
-        return (max_tokens is not None and seq.num_output_tokens >= max_tokens) or seq.num_tokens >= self.max_model_len
-
     def _stop_reason(self, seq: Sequence) -> tuple[str, int | None] | None:
         params = seq.request.params
         token = seq.token_ids[-1]
@@ -375,6 +375,6 @@ class Scheduler:
             return "stop", None
         if token in params.stop_token_ids:
             return "stop", token
-        if seq.num_pending == 0 and self._reached_length(seq):
+        if seq.num_pending == 0 and len(seq.token_ids) >= seq.max_num_tokens:   # max_tokens or the model's maximum
             return "length", None
         return None

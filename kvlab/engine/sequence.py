@@ -55,6 +55,7 @@ class Sequence:
     num_computed_tokens: int = 0         # tokens whose K/V are in the cache or scheduled to be written
     num_allocated_tokens: int = 0        # tokens holding a slot in the cache (computed, or about to be)
     num_pending: int = 0                 # sampled by a step whose result has not reached the host yet
+    max_num_tokens: int = 0              # its length limit: prompt + max_tokens, or the model's maximum
     status: SequenceStatus = SequenceStatus.WAITING
     num_reserved_seqs: int = 0           # n > 1 before the fork: places under max_num_seqs kept for the samples
     prefix_hashes: list[int] = field(default_factory=list)  # prefix-cache names of its full blocks, hashed once

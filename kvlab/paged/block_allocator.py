@@ -280,23 +280,21 @@ class BlockAllocator:
     def _new_slot(self, seq_id: SeqId, seq: _Sequence) -> int:
         """Take what the slot after the sequence's last one needs (a new block, or a private copy
         of a shared last block) and return that slot."""
-        needed = self._blocks_needed_to_append(seq)
-        if needed > self.num_free_blocks:
-            raise OutOfBlocksError(f"appending to sequence {seq_id!r} needs {needed} free block, "
-                                   f"only {self.num_free_blocks} are free")
-        pos = seq.num_slots
-        if pos % self.block_size == 0:              # last block full (or none yet): a new one
-            seq.block_table.append(self._take_free_block())
-            self._table_changed(seq_id, len(seq.block_table) - 1)
-        else:
-            last = self._blocks[seq.block_table[-1]]
-            if last.ref_count > 1:                  # shared and partly filled: copy-on-write
-                new_id = self._take_free_block()
+        pos = len(seq.token_ids) + seq.num_reserved
+        offset = pos % self.block_size
+        table = seq.block_table
+        if offset == 0 or self._blocks[table[-1]].ref_count > 1:   # a new block, or a private copy of the last
+            if not (self._free or self._cached_free):
+                raise OutOfBlocksError(f"appending to sequence {seq_id!r} needs 1 free block, only 0 are free")
+            if offset == 0:                         # last block full (or none yet): a new one
+                table.append(self._take_free_block())
+            else:                                   # shared and partly filled: copy-on-write
+                last = self._blocks[table[-1]]
                 last.ref_count -= 1
-                seq.block_table[-1] = new_id
-                self._copies.append((last.block_id, new_id))
-                self._table_changed(seq_id, len(seq.block_table) - 1)
-        return self._slot(seq, pos)
+                table[-1] = self._take_free_block()
+                self._copies.append((last.block_id, table[-1]))
+            self._table_changed(seq_id, len(table) - 1)
+        return table[-1] * self.block_size + offset
 
     def _slot(self, seq: _Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
