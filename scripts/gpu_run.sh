@@ -8,7 +8,8 @@
 #   scripts/gpu_run.sh race_a sweep          #   continuous batching); workload A and the concurrency sweep
 #   scripts/gpu_run.sh serve1 serve8         # the load test of kvlab serve, --stream-interval 1 and 8
 #
-# Results go to $OUT (default ./gpu_out). Wheels the machine lacks (starlette, uvicorn, uvloop,
+# Results go to $OUT (default ./gpu_out); set KVLAB_COMMIT=<sha> when the copy has no .git, so that
+# every result records the commit it measured (kvlab.bench.results.git_commit). Wheels the machine lacks (starlette, uvicorn, uvloop,
 # httptools, pytest, hypothesis and their dependencies) are installed from ./.whl if it exists; an
 # older checkout in ./.baseline (e.g. `git worktree add .baseline <commit>`) is measured by the
 # decode part too, as the "before" on the same card. Merge the race parts afterwards with

@@ -91,7 +91,10 @@ def save(result: dict, path: str | Path) -> None:
 
 def git_commit() -> str | None:
     """The commit of the kvlab checkout the package runs from, with '+uncommitted changes' when kvlab/ differs
-    from it; None outside a git checkout (a regular install)."""
+    from it; $KVLAB_COMMIT where the code came without its git history (a copy sent to a GPU machine: the
+    sender knows the commit); None outside a git checkout (a regular install)."""
+    if os.environ.get("KVLAB_COMMIT"):
+        return os.environ["KVLAB_COMMIT"]
     try:
         run = lambda *args: subprocess.run(["git", "-C", str(PACKAGE_DIR), *args], capture_output=True, text=True,
                                            timeout=10)
