@@ -11,8 +11,8 @@
 # Results go to $OUT (default ./gpu_out); set KVLAB_COMMIT=<sha> when the copy has no .git, so that
 # every result records the commit it measured (kvlab.bench.results.git_commit). Wheels the machine lacks (starlette, uvicorn, uvloop,
 # httptools, pytest, hypothesis and their dependencies) are installed from ./.whl if it exists; an
-# older checkout in ./.baseline (e.g. `git worktree add .baseline <commit>`) is measured by the
-# decode part too, as the "before" on the same card. Merge the race parts afterwards with
+# older checkout in ./.baseline (e.g. `git worktree add .baseline <commit>`, its commit in
+# .baseline/COMMIT) is measured by the decode part too, as the "before" on the same card. Merge the race parts afterwards with
 #   python -m kvlab.bench.engine --merge $OUT/race_*.json --out data/bench/engine_<card>.json
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -34,8 +34,8 @@ for part in "$@"; do
                 import ch06 as s; print(ch06.check_paged_attention_kernel(s.paged_attention_kernel))" ;;
     decode) if [ -d .baseline/kvlab ]; then
               cp kvlab/bench/step_probe.py /tmp/step_probe.py
-              (base=$PWD/.baseline; cd /tmp && PYTHONPATH=/tmp/site:$base run decode_before 150 python3 \
-                  /tmp/step_probe.py --modes sync eager --out "$OUT/decode_before.json")
+              (base=$PWD/.baseline; cd /tmp && PYTHONPATH=/tmp/site:$base KVLAB_COMMIT=$(cat $base/COMMIT 2>/dev/null) \
+                  run decode_before 150 python3 /tmp/step_probe.py --modes sync eager --out "$OUT/decode_before.json")
             fi
             run decode 240 python3 -m kvlab.bench.engine --workload --decode-analysis --out "$OUT/race_decode.json" ;;
     race_c) run race_c 480 python3 -m kvlab.bench.engine --workload C --systems kvlab hf_static_compile \

@@ -119,8 +119,12 @@ def main(argv=None) -> int:
     lm.hf_model.config.eos_token_id = None
     import kvlab
 
-    result = {"kvlab_file": kvlab.__file__, "model": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "torch_threads": torch.get_num_threads(),
+    import datetime
+    import os
+
+    result = {"kvlab_file": kvlab.__file__, "commit": os.environ.get("KVLAB_COMMIT"), "model": name,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "torch_threads": torch.get_num_threads(),
               "steps": probe(lm, args.batches, args.context, args.modes, args.tokens)}
     text = json.dumps(result, indent=1)
     if args.out:
