@@ -53,7 +53,10 @@ def gpu_result():
             "concurrency": sweep,
             "decode_step": {"copy_bandwidth_GB_s": 4000.0, "batch_64": {
                 "context": 512, "bound_ms": 0.25, "cuda_graph": {"step_ms": 1.8, "device_ms": 1.4},
-                "eager": {"step_ms": 12.0}}}}
+                "async": {"step_ms": 1.5, "device_ms": 1.4, "schedule_ms": 0.1, "prepare_ms": 0.2, "launch_ms": 0.3,
+                          "output_ms": 0.15},
+                "eager": {"step_ms": 12.0}}},
+            "decode_step_before": {"batch_64_sync": {"period_ms": 2.4, "device_ms": 1.5}}}
 
 
 def test_concurrency_is_plotted_and_tabled_as_given():
@@ -87,17 +90,20 @@ def test_speedup_table_and_workload_figure():
     assert sorted(p.get_width() for p in ax.patches) == [20.0, 1_500.0, 9_000.0, 20_000.0]
     assert "NVIDIA H200, 2026-11-29, commit 4b470bea30a8" in ax.get_xlabel()
     assert ui.decode_step_lines(result) == [
-        "decode step at batch 64, context 512: 1.80 ms with CUDA graphs, of which 1.40 ms on the GPU (12.00 ms eager); "
-        "bound 0.25 ms (weights + K/V at 4,000 GB/s)"]
+        "decode step at batch 64, context 512: bound 0.25 ms (weights + K/V at 4,000 GB/s)",
+        "  synchronous   1.80 ms, of which the GPU 1.40 ms (step / GPU 1.29); eager 12.00 ms",
+        "  asynchronous  1.50 ms, of which the GPU 1.40 ms (step / GPU 1.07); the host per step: schedule 0.10, "
+        "prepare 0.20, launch 0.30, outputs 0.15 ms",
+        "  the engine before the redesign, same card: 2.40 ms, of which the GPU 1.50 ms (step / GPU 1.60)"]
     with pytest.raises(ValueError, match="no 'concurrency' sweep"):
         ui.plot_concurrency({"workloads": {}})
     assert ui.concurrency_table({"workloads": {}}) == []
 
 
-@pytest.mark.skipif(not results.exists("engine_h200.json"), reason="data/bench/engine_h200.json is not committed")
+@pytest.mark.skipif(not results.exists("engine_h100.json"), reason="data/bench/engine_h100.json is not committed")
 def test_the_committed_gpu_run_reads_as_written():
     """The notebook's GPU cells on the committed file: every number shown is one in the JSON."""
-    result = results.load("engine_h200.json")
+    result = results.load("engine_h100.json")
     series = results.concurrency_series(result)
     for n, entry in result["concurrency"].items():
         for system in ("kvlab", "hf_padded"):
@@ -108,6 +114,8 @@ def test_the_committed_gpu_run_reads_as_written():
         assert shown == {k: v["tokens_per_s"] for k, v in res["systems"].items() if v["tokens"]}
     text = "\n".join(ui.speedup_table(result))
     assert f"{result['workloads']['A']['systems']['kvlab']['tokens_per_s']:,.0f}" in text
-    assert str(results.provenance(result)).startswith(f"NVIDIA H200, {result['date']}")
+    assert str(results.provenance(result)).startswith(f"NVIDIA H100 80GB HBM3, {result['date']}")
+    steps = "\n".join(ui.decode_step_lines(result))
+    assert f"{result['decode_step']['batch_256']['async']['step_ms']:.2f} ms" in steps
     ui.plot_gpu_workloads(result)
     ui.plot_concurrency(result)

@@ -688,10 +688,17 @@ def _profile_decode_step(llm, batch, context, rng) -> dict:
 def merge(paths) -> dict:
     """One result from several runs of this benchmark (on a GPU each part fits a command's time limit: workload
     A, workload C, the concurrency sweep): workloads, sweep and decode analysis from whichever run has them,
-    each run's environment kept under the part it measured; card and date from the first."""
+    each run's environment kept under the part it measured; card and date from the first. A step probe's
+    result (kvlab.bench.step_probe, e.g. an older checkout measured on the same card) goes under
+    "decode_step_before"."""
     out: dict = {"environment": {}, "method": __doc__, "workloads": {}}
     for path in paths:
         r = results.load(path)
+        if "steps" in r and "workloads" not in r:          # a step probe: the "before" of the decode analysis
+            out["decode_step_before"] = r["steps"]
+            out["environment"]["decode_step_before"] = {"gpu": r.get("device"), "date": r.get("date"),
+                                                        "git_commit": r.get("commit"), "model": r.get("model")}
+            continue
         env = r.get("environment") or {}
         for w, res in r.get("workloads", {}).items():
             out["workloads"][w] = res

@@ -116,8 +116,10 @@ def speedup_table(result: dict) -> list[str]:
     for k in systems:
         if k == "kvlab":
             continue
-        subset = {result["workloads"][w]["systems"][k].get("num_requests") for w in names if k in tables[w]}
-        label = SYSTEM_LABELS[k] + (" (first 8)" if subset == {8} else "")
+        ran = {result["workloads"][w]["systems"][k].get("num_requests") or result["workloads"][w]["requests"]
+               for w in names if k in tables[w]}
+        every = {result["workloads"][w]["requests"] for w in names if k in tables[w]}
+        label = SYSTEM_LABELS[k] + (f" (first {min(ran)})" if len(ran) == 1 and ran != every else "")
         lines.append(f"{'kvlab / ' + label:<40}" + "".join(
             f"{tables[w][k][1]:>13,.1f}x" if k in tables[w] and tables[w][k][1] else f"{'-':>14}" for w in names))
     return lines
@@ -141,19 +143,33 @@ def concurrency_table(result: dict) -> list[str]:
         lines.append(f"{n:>8} {k:>12,.0f} {h:>16,.0f} {k / h:>17.1f}x" + (f" {k / one:>21,.0f}x" if one else "")
                      + f" {tpot('kvlab_tpot_p50_s'):>16} {tpot('hf_padded_tpot_p50_s'):>10}")
     if one:
-        lines.append(f"HF one at a time: {one:,.1f} tok/s at any concurrency (workload A's first 8 requests)")
+        n = result["workloads"]["A"]["systems"]["hf_one_at_a_time"].get("num_requests")
+        lines.append(f"HF one at a time: {one:,.1f} tok/s at any concurrency (workload A's first {n} requests)")
     return lines
 
 
 def decode_step_lines(result: dict) -> list[str]:
-    """kvlab's decode step at each measured batch: step time with CUDA graphs (and its GPU time), eager, and
-    the bandwidth bound (weights + K/V read once at the measured copy bandwidth)."""
+    """kvlab's decode step at each measured batch against the bandwidth bound (weights + K/V read once at the
+    measured copy bandwidth): its period with CUDA graphs, synchronous and with asynchronous scheduling, each
+    beside the GPU's time in it; eager; and the engine before the redesign on the same card, if measured."""
     decode = result.get("decode_step") or {}
+    before = result.get("decode_step_before") or {}
     lines = []
     for key in sorted((k for k in decode if k.startswith("batch_")), key=lambda k: int(k.split("_")[1])):
-        d, g = decode[key], decode[key]["cuda_graph"]
-        lines.append(f"decode step at {key.replace('_', ' ')}, context {d['context']}: {g['step_ms']:.2f} ms with "
-                     f"CUDA graphs, of which {g['device_ms']:.2f} ms on the GPU ({d['eager']['step_ms']:.2f} ms "
-                     f"eager); bound {d['bound_ms']:.2f} ms (weights + K/V at "
-                     f"{decode['copy_bandwidth_GB_s']:,.0f} GB/s)")
+        d = decode[key]
+        sync, eager = d["cuda_graph"], d["eager"]
+        lines.append(f"decode step at {key.replace('_', ' ')}, context {d['context']}: bound {d['bound_ms']:.2f} ms "
+                     f"(weights + K/V at {decode['copy_bandwidth_GB_s']:,.0f} GB/s)")
+        lines.append(f"  synchronous   {sync['step_ms']:.2f} ms, of which the GPU {sync['device_ms']:.2f} ms "
+                     f"(step / GPU {sync['step_ms'] / sync['device_ms']:.2f}); eager {eager['step_ms']:.2f} ms")
+        if "async" in d:
+            a = d["async"]
+            lines.append(f"  asynchronous  {a['step_ms']:.2f} ms, of which the GPU {a['device_ms']:.2f} ms "
+                         f"(step / GPU {a['step_ms'] / a['device_ms']:.2f}); the host per step: schedule "
+                         f"{a['schedule_ms']:.2f}, prepare {a['prepare_ms']:.2f}, launch {a['launch_ms']:.2f}, "
+                         f"outputs {a['output_ms']:.2f} ms")
+        old = before.get(f"{key}_sync")
+        if old:
+            lines.append(f"  the engine before the redesign, same card: {old['period_ms']:.2f} ms, of which the GPU "
+                         f"{old['device_ms']:.2f} ms (step / GPU {old['period_ms'] / old['device_ms']:.2f})")
     return lines
