@@ -694,10 +694,10 @@ def merge(paths) -> dict:
     out: dict = {"environment": {}, "method": __doc__, "workloads": {}}
     for path in paths:
         r = results.load(path)
-        if "steps" in r and "workloads" not in r:          # a step probe: the "before" of the decode analysis
-            out["decode_step_before"] = r["steps"]
-            out["environment"]["decode_step_before"] = {"gpu": r.get("device"), "date": r.get("date"),
-                                                        "git_commit": r.get("commit"), "model": r.get("model")}
+        if "steps" in r and "workloads" not in r:          # a step probe: the "before" of the decode analysis,
+            out["decode_step_before"] = {**r["steps"],     # another engine's: its environment kept with it
+                                         "environment": {"gpu": r.get("device"), "date": r.get("date"),
+                                                         "git_commit": r.get("commit"), "model": r.get("model")}}
             continue
         env = r.get("environment") or {}
         for w, res in r.get("workloads", {}).items():
