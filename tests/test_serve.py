@@ -18,11 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvlab.engine import LLM, SamplingParams
 from kvlab.serve import ServerProcess
+from conftest import server_and_offline_answers
 
 MODEL = "tiny-llama-random"
 KEY = "kvlab-test-key"
@@ -37,21 +37,10 @@ ONE_THREAD = ["--torch-threads", "1"]    # the tiny model is fastest on one core
 def served():
     """(server, references): a server with --api-key and room for 64 sequences, and each prompt's
     answer when it runs alone offline (token-for-token what the server must send back)."""
-    server = ServerProcess(["--model", MODEL, "--api-key", KEY, "--max-num-seqs", "64",
-                            "--max-num-batched-tokens", "512", *ONE_THREAD]).launch()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        llm = LLM(model=MODEL, max_num_seqs=1, max_num_batched_tokens=512)
-        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-        references = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].text for p in PROMPTS]
-        del llm
-        torch.set_num_threads(threads)
-        server.wait_ready()
-        yield server, references
-    finally:
-        torch.set_num_threads(threads)
-        server.close()
+    with server_and_offline_answers(MODEL, ["--api-key", KEY, "--max-num-seqs", "64", "--max-num-batched-tokens",
+                                            "512"], PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                                    max_num_seqs=1, max_num_batched_tokens=512) as served:
+        yield served
 
 
 def metrics(server) -> dict[str, float]:

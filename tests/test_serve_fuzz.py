@@ -22,13 +22,12 @@ from collections import Counter
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from test_serve import ONE_THREAD, metrics, wait_for_metrics
+from test_serve import metrics, wait_for_metrics
 
-from kvlab.engine import LLM, SamplingParams
-from kvlab.serve import ServerProcess
+from conftest import server_and_offline_answers
+from kvlab.engine import SamplingParams
 
 MODEL = "tiny-llama-random"
 MAX_MODEL_LEN = 128
@@ -43,21 +42,11 @@ ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=MAX_MODE
 @pytest.fixture(scope="module")
 def fuzzed():
     """(server, reference): the server under test and the offline engine's answer to GREEDY."""
-    server = ServerProcess(["--model", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
-                            "--max-num-batched-tokens", "256", *ONE_THREAD]).launch()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        llm = LLM(model=MODEL, **ENGINE)
-        params = SamplingParams(temperature=0, max_tokens=GREEDY["max_tokens"], ignore_eos=True)
-        reference = llm.generate([GREEDY["prompt"]], params, use_tqdm=False)[0].outputs[0].text
-        del llm
-        torch.set_num_threads(threads)
-        server.wait_ready()
-        yield server, reference
-    finally:
-        torch.set_num_threads(threads)
-        server.close()
+    params = SamplingParams(temperature=0, max_tokens=GREEDY["max_tokens"], ignore_eos=True)
+    with server_and_offline_answers(MODEL, ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
+                                            "--max-num-batched-tokens", "256"], [GREEDY["prompt"]], params,
+                                    **ENGINE) as (server, texts):
+        yield server, texts[0]
 
 
 # ---- bodies -------------------------------------------------------------------------------------------

@@ -16,11 +16,10 @@ import time
 
 import httpx
 import pytest
-import torch
-from test_serve import ONE_THREAD, TIMEOUT, metrics, stream, wait_for_metrics
+from test_serve import TIMEOUT, metrics, stream, wait_for_metrics
 
-from kvlab.engine import LLM, SamplingParams
-from kvlab.serve import ServerProcess
+from conftest import server_and_offline_answers
+from kvlab.engine import SamplingParams
 
 MODEL = "tiny-llama-random"
 READ_TIMEOUT = 2.0                 # --request-read-timeout of the server under test, seconds
@@ -33,21 +32,10 @@ BESIDE = {"model": MODEL, "prompt": "Meanwhile, a well-behaved client asks:", "m
 def hostile():
     """(server, reference): a server with --request-read-timeout 2 and room for 16 sequences, and
     the offline engine's greedy answer to BESIDE."""
-    server = ServerProcess(["--model", MODEL, "--request-read-timeout", str(READ_TIMEOUT), "--max-num-seqs", "16",
-                            *ONE_THREAD]).launch()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        llm = LLM(model=MODEL, max_num_seqs=1, max_num_batched_tokens=512)
-        params = SamplingParams(temperature=0, max_tokens=BESIDE["max_tokens"], ignore_eos=True)
-        reference = llm.generate([BESIDE["prompt"]], params, use_tqdm=False)[0].outputs[0].text
-        del llm
-        torch.set_num_threads(threads)
-        server.wait_ready()
-        yield server, reference
-    finally:
-        torch.set_num_threads(threads)
-        server.close()
+    params = SamplingParams(temperature=0, max_tokens=BESIDE["max_tokens"], ignore_eos=True)
+    with server_and_offline_answers(MODEL, ["--request-read-timeout", str(READ_TIMEOUT), "--max-num-seqs", "16"],
+                                    [BESIDE["prompt"]], params, max_num_seqs=1, max_num_batched_tokens=512) as (s, t):
+        yield s, t[0]
 
 
 def beside(hostile, *clients):
