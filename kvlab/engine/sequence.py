@@ -76,6 +76,10 @@ class Sequence:
         return len(self.token_ids) + self.num_pending
 
     @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
