@@ -5,8 +5,11 @@ caller sees changes. Each test runs the same requests with async_scheduling off 
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections import defaultdict
 
+import pytest
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine import EngineArgs, LLMEngine, RequestOutputKind
@@ -125,6 +128,36 @@ def test_delta_outputs_under_async_scheduling_add_up_to_the_cumulative_ones(tiny
             elif o.finished:
                 final = o.outputs[0].token_ids
     assert deltas == final and len(final) == 12
+
+
+@pytest.mark.parametrize("mode", [False, True])
+def test_stream_interval_reports_the_first_token_then_every_k_with_the_same_text(smollm2, mode):
+    """EngineArgs.stream_interval = 4 (kvlab serve --stream-interval): a streamed request reports its
+    first token at once, then 4 tokens an output, the rest with its end; tokens and text add up to the
+    whole answer, with a stop string and with n = 2 samples too. Fewer outputs, the same answer."""
+    text = "The factory production line optimization requires"
+    params = [SamplingParams(temperature=0, max_tokens=23, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=32, stop=["approach"]),
+              SamplingParams(n=2, temperature=0.8, seed=5, max_tokens=10, ignore_eos=True)]
+    whole = LLM(model=smollm2, async_scheduling=mode).generate([text] * 3, params, use_tqdm=False)
+    engine = LLMEngine(EngineArgs(model=smollm2, async_scheduling=mode, stream_interval=4))
+    for i, p in enumerate(params):
+        engine.add_request(str(i), text, dataclasses.replace(p, output_kind=RequestOutputKind.DELTA))
+    sizes, texts, ids = defaultdict(list), defaultdict(str), defaultdict(list)
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            for c in o.outputs:
+                key = (o.request_id, c.index)
+                sizes[key].append(len(c.token_ids))
+                texts[key] += c.text
+                ids[key] += c.token_ids
+    assert whole[1].outputs[0].finish_reason == "stop" and len(sizes) == 4
+    for i, out in enumerate(whole):
+        for c in out.outputs:
+            key = (str(i), c.index)
+            assert (ids[key], texts[key]) == (c.token_ids, c.text)
+            assert sizes[key][0] == 1 and set(sizes[key][1:-1]) <= {4} and 1 <= sizes[key][-1] <= 4, sizes[key]
+    assert_clean(engine)
 
 
 def test_a_seeded_sample_draws_the_same_stream_however_often_it_is_preempted(tiny_llama):

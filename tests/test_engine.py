@@ -271,6 +271,31 @@ def test_incremental_detokenizer_across_multibyte_characters(smollm2):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_the_detokenizers_fast_decode_equals_transformers_decode(smollm2):
+    """The detokenizer calls the Rust tokenizer directly (four times cheaper per step): the text must
+    be transformers' decode, special tokens skipped or kept, half characters and all; a tokenizer
+    that cleans up spaces keeps transformers' decode."""
+    import random
+
+    from kvlab.engine.detokenizer import decoder
+
+    tok = smollm2.tokenizer
+    rng = random.Random(0)
+    samples = [[rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))] for _ in range(300)]
+    samples += [[1, *tok.encode(" Hi 👋🏽 東京"), 2], [0, 1, 2], tok.encode("🚀")[:1]]
+    for skip in (True, False):
+        fast = decoder(tok, skip)
+        assert [fast(ids) for ids in samples] == [tok.decode(ids, skip_special_tokens=skip) for ids in samples]
+
+    class Cleaning:                                   # a tokenizer whose decode does more than the backend
+        backend_tokenizer, clean_up_tokenization_spaces = tok.backend_tokenizer, True
+
+        def decode(self, ids, skip_special_tokens):
+            return "cleaned"
+
+    assert decoder(Cleaning(), True)([5]) == "cleaned"
+
+
 # ---------------------------------------------------------------- abort, bad input, metrics
 
 def test_abort_mid_generation_frees_blocks_and_spares_the_others(tiny_llama):

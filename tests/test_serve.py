@@ -365,7 +365,7 @@ def test_stream_interval_sends_fewer_larger_events_with_the_same_tokens():
     (["--max-waiting-requests", "0"], "--max-waiting-requests 0: must be >= 1"),
     (["--torch-threads", "0"], "--torch-threads 0: must be >= 1"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout -1.0: must be >= 0"),
-    (["--stream-interval", "0"], "--stream-interval 0: must be >= 1 token"),
+    (["--stream-interval", "0"], "--stream-interval must be an integer in 1..1,048,576, got 0"),
     (["--gpu-memory-utilization", "2"], "--gpu-memory-utilization must be a fraction in (0, 1]"),
 ])
 def test_bad_flags_are_usage_errors_before_anything_loads(argv, words, capsys):

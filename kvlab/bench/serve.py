@@ -422,8 +422,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     server = None
     url = args.url
     if url is None:
-        server_args = [*engine_argv(args), "--max-waiting-requests", "1000000", "--log-level", "warning",
-                       "--stream-interval", str(args.stream_interval)]
+        server_args = [*engine_argv(args), "--max-waiting-requests", "1000000", "--log-level", "warning"]
         if args.served_model_name:
             server_args += ["--served-model-name", args.served_model_name]
         if args.api_key:
@@ -540,8 +539,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
     g.add_argument("--served-model-name", default=None, help="the model name to send (default: --model)")
     g.add_argument("--api-key", default=None, help="Bearer key for the server")
-    g.add_argument("--stream-interval", type=int, default=1,
-                   help="the started server's --stream-interval: tokens per event after the first (1)")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="sharegpt", help="length distribution")
     g.add_argument("--max-len", type=int, default=2048, help="clip prompt + output to this many tokens (2048)")
     g.add_argument("--token-range", type=int, nargs=2, default=(1000, 20000), metavar=("LO", "HI"),
@@ -574,7 +571,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--rates auto stands alone (it picks the rates itself)")
     if not all(f > 0 for f in args.auto_fractions):
         parser.error("--auto-fractions must all be > 0")
-    for name in ("num_prompts", "min_prompts", "stream_interval"):
+    for name in ("num_prompts", "min_prompts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.max_len < 2 or not args.timeout > 0:

@@ -69,6 +69,9 @@ class EngineArgs:
                                              "may depend on adjacent blocks)", cli=False)
     skip_tokenizer_init: bool | None = arg(None, "token ids in and out, no text; None: only when the model has "
                                                  "no tokenizer")
+    stream_interval: int = arg(1, "streamed (DELTA) outputs: a request's first tokens at once, then an output only "
+                                  "once this many new tokens wait, or at its end (vLLM's --stream-interval); "
+                                  "larger: less work per token for the engine and the server, burstier text")
     extra: dict = arg({}, "vLLM keywords kvlab accepts and ignores (trust_remote_code, ...)", cli=False)
 
     def __post_init__(self):
@@ -90,6 +93,7 @@ class EngineArgs:
         if self.max_model_len is not None:
             self.max_model_len = _int("max_model_len", self.max_model_len, 2, big,
                                       "None or an integer >= 2 (a prompt token and a generated one)")
+        self.stream_interval = _int("stream_interval", self.stream_interval, 1, MAX_STREAM_INTERVAL)
         self.watermark = checks.in_range("watermark", self.watermark, 0.0, 0.5, "a fraction in [0, 0.5]")
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"attention_backend must be 'auto', 'triton' or 'torch', got "
@@ -198,6 +202,7 @@ class EngineArgs:
 MAX_BLOCK_SIZE = 2048          # tokens per block: a block larger than a whole context wastes the pool
 MAX_NUM_SEQS = 65_536          # rows of the runner's persistent batch (vLLM's default is 256 to 1024)
 MAX_BATCHED_TOKENS = 2**20     # tokens of one step's flattened batch
+MAX_STREAM_INTERVAL = 2**20    # tokens per streamed output (more than any output: only the first and the end)
 
 
 def _int(name: str, value, low: int, high: int, allowed: str | None = None) -> int:

@@ -11,6 +11,8 @@ host work per step grows with what changed and with the batch, never with the co
             tables.host[r]                its block table (block ids of its logical blocks)
             temperature, top_k, top_p,    its sampling parameters, converted once when it
             num_logprobs, generators[r]   arrives (a seeded request: its own torch.Generator)
+            sample_index[r]               where its token sampled by the last step sits among
+                                          that step's sampled ids (on the device until collected)
 
 Rows are handed out lowest first (a heap), so the rows in use stay packed at the top of
 the arrays and a step copies only that part of the block tables to the device.
@@ -74,6 +76,8 @@ class InputBatch:
         self.top_p = np.ones(max_num_seqs, dtype=np.float32)
         self.num_logprobs = np.full(max_num_seqs, -1, dtype=np.int32)  # -1: not asked
         self.generators: list[torch.Generator | None] = [None] * max_num_seqs
+        self.num_seeded = 0                                            # rows with a generator
+        self.sample_index = np.full(max_num_seqs, -1, dtype=np.int64)  # -1: did not sample last step
         self._kept: dict[SeqId, torch.Generator] = {}                # preempted seeded sequences' generators
 
     @property
@@ -97,6 +101,8 @@ class InputBatch:
         self.temperature[row], self.top_k[row], self.top_p[row] = p.temperature, top_k, p.top_p
         self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
         self.generators[row] = generator
+        self.num_seeded += generator is not None
+        self.sample_index[row] = -1
         return row
 
     def remove(self, seq_id: SeqId, preempted: bool = False) -> None:
@@ -104,8 +110,10 @@ class InputBatch:
         kept, so that a seeded request draws the same stream however often it is preempted."""
         row = self.row_of.pop(seq_id, None)
         if row is not None:                     # None: it never got a row (its step failed first)
-            if preempted and self.generators[row] is not None:
-                self._kept[seq_id] = self.generators[row]
+            if self.generators[row] is not None:
+                self.num_seeded -= 1
+                if preempted:
+                    self._kept[seq_id] = self.generators[row]
             self.generators[row] = None
             heapq.heappush(self._free_rows, row)
         elif not preempted:

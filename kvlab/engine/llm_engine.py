@@ -100,7 +100,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len, args.watermark, args.enable_chunked_prefill,
                                    self.eos_token_id)
-        self.output_processor = OutputProcessor(self.scheduler, self.tokenizer)
+        self.output_processor = OutputProcessor(self.scheduler, self.tokenizer, args.stream_interval)
         self.async_scheduling = self.runner.is_cuda if args.async_scheduling is None else args.async_scheduling
         self.init_time = time.perf_counter() - t0             # KV sizing, allocation, CUDA graph capture
         self.stats: deque[StepStats] = deque(maxlen=MAX_STEP_STATS)

@@ -201,6 +201,7 @@ class StepInputs:
     num_tokens: int
     num_decode: int                      # the first rows: one token each
     sampling: list[SeqId]                # sequences that sample (forked samples after their parent)
+    sample_rows: np.ndarray              # their batch rows
     num_placeholders: int                # tokens whose ids come from the last step's sampled ids, on the device
     graph_size: int = 0                  # the captured batch size a decode-only step replays (0: none)
 
@@ -235,7 +236,14 @@ class ModelRunner:
                                 self.device, functools.partial(sample_generator, device=self.device))
         self.buf = StepBuffer(config.max_num_batched_tokens, config.max_num_seqs, self.device)
         self._inputs_copied: torch.cuda.Event | None = None   # the last step's host-to-device copy
-        self._last_sampled: tuple[dict[SeqId, int], torch.Tensor] | None = None   # last step's ids, on the device
+        self._last_sampled: torch.Tensor | None = None     # the last step's sampled ids, on the device
+        self._sampled_rows = np.zeros(0, dtype=np.int64)   # the rows that sampled them
+        # Sampled ids come back to the host through two pinned buffers, used in turn: a step's copy
+        # writes one while the host may still read the other (the step before's).
+        self._out_bufs = [torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True)
+                          for _ in range(2)] if self.is_cuda else []
+        self._out_readers: list[PendingOutput | None] = [None, None]   # the step that reads each buffer
+        self._out_next = 0
         if self.is_cuda:                                 # GPU times on the host clock: one reference point
             torch.cuda.synchronize()
             self._ref_event, self._ref_time = torch.cuda.Event(enable_timing=True), time.perf_counter()
@@ -266,6 +274,9 @@ class ModelRunner:
         timing = StepTiming(prepare_start=time.perf_counter())
         if self._inputs_copied is not None:                # the pinned buffers may be written again
             self._inputs_copied.synchronize()
+        older = self._out_readers[self._out_next]          # the step two back: collected by now (the
+        if older is not None:                              # engine does), else collected here, before
+            older.get_output()                             # its buffer is written and its ids are stale
         failed = self._update_states(out)
         step = self._prepare_inputs(out)
         timing.launch_start = time.perf_counter()
@@ -284,15 +295,18 @@ class ModelRunner:
             self._inputs_copied.record()
         logits = self._run_model(step, timing)
         tokens, logprobs, asked = self._sample(logits, step)
-        self._last_sampled = ({s: i for i, s in enumerate(step.sampling)}, tokens)
+        self._last_sampled = tokens
+        slot = self._out_next
         if self.is_cuda:
             events[1].record()
-            tokens = tokens.to("cpu", non_blocking=True)   # into pinned memory; nobody waits here
+            tokens = self._out_bufs[slot][:len(tokens)].copy_(tokens, non_blocking=True)   # nobody waits here
             if logprobs is not None:
                 logprobs = tuple(t.to("cpu", non_blocking=True) for t in logprobs)
             events[2].record()
         timing.launch_end = time.perf_counter()
-        return PendingOutput(self, step.sampling, tokens, logprobs, asked, failed, timing, events)
+        pending = PendingOutput(self, step.sampling, tokens, logprobs, asked, failed, timing, events)
+        self._out_readers[slot], self._out_next = pending, slot ^ 1
+        return pending
 
     def _update_states(self, out: SchedulerOutput) -> dict[SeqId, str]:
         """Apply the scheduler's changes to the persistent batch. Returns the new sequences that could
@@ -339,9 +353,8 @@ class ModelRunner:
         # step, not collected yet (asynchronous scheduling); the device copies them from its ids
         unknown = np.flatnonzero(positions >= batch.num_known[token_rows])
         if len(unknown):
-            index, sampled = self._last_sampled
             h["placeholder_dst"][:len(unknown)] = unknown
-            h["placeholder_src"][:len(unknown)] = [index[seq_ids[i]] for i in np.searchsorted(ends, unknown, "right")]
+            h["placeholder_src"][:len(unknown)] = batch.sample_index[token_rows[unknown]]
         seq_lens = context + num_new
         h["rows"][:n_rows], h["seq_lens"][:n_rows], h["context_lens"][:n_rows] = rows, seq_lens, context
         h["query_start"][:n_rows - num_decode + 1] = np.concatenate([[0], np.cumsum(num_new[num_decode:])])
@@ -362,11 +375,15 @@ class ModelRunner:
             sample_rows = np.fromiter((batch.row_of[s] for s in sampling), dtype=np.int64, count=len(sampling))
         batch.num_tokens[sample_rows] += 1                 # the token being sampled: pending until get_output
         k = len(sampling)
+        batch.sample_index[self._sampled_rows] = -1        # where this step's ids will be: next step's
+        batch.sample_index[sample_rows] = np.arange(k)     # placeholders read them on the device
+        self._sampled_rows = sample_rows
         h["logits_indices"][:k] = logit_rows
         h["temperature"][:k] = batch.temperature[sample_rows]
         h["top_p"][:k] = batch.top_p[sample_rows]
         h["top_k"][:k] = batch.top_k[sample_rows]
-        step = StepInputs(seq_ids, rows, num_new, context, n_tokens, num_decode, sampling, len(unknown))
+        step = StepInputs(seq_ids, rows, num_new, context, n_tokens, num_decode, sampling, sample_rows,
+                          len(unknown))
         step.graph_size = self._graph_size(n_rows, num_decode)
         if step.graph_size:                                # pad to the captured size: nothing written or read
             pad = slice(n_rows, step.graph_size)
@@ -379,9 +396,8 @@ class ModelRunner:
         d, n = self.buf.device, step.num_tokens
         if step.num_placeholders:                          # last step's sampled ids, copied on the device
             k = step.num_placeholders
-            _, sampled = self._last_sampled
             d["ids"].index_copy_(0, d["placeholder_dst"][:k].long(),
-                                 sampled.index_select(0, d["placeholder_src"][:k].long()).to(torch.int32))
+                                 self._last_sampled.index_select(0, d["placeholder_src"][:k].long()).to(torch.int32))
         logits_indices = d["logits_indices"][:len(step.sampling)]
         if step.graph_size:
             timing.cuda_graph = True
@@ -427,12 +443,13 @@ class ModelRunner:
         k, d, batch = len(step.sampling), self.buf.device, self.batch
         if k == 0:
             return torch.empty(0, dtype=torch.long, device=self.device), None, []
-        rows = [batch.row_of[s] for s in step.sampling]
+        rows = step.sample_rows
         temperature = batch.temperature[rows]
         asked = batch.num_logprobs[rows].tolist()
+        seeded = [] if not batch.num_seeded else \
+            [(i, batch.generators[r]) for i, r in enumerate(rows.tolist()) if batch.generators[r] is not None]
         sampling = SamplingBatch(
-            temperature=d["temperature"][:k], top_k=d["top_k"][:k], top_p=d["top_p"][:k],
-            generators=[(i, batch.generators[r]) for i, r in enumerate(rows) if batch.generators[r] is not None],
+            temperature=d["temperature"][:k], top_k=d["top_k"][:k], top_p=d["top_p"][:k], generators=seeded,
             all_greedy=bool((temperature == 0).all()),
             needs_filter=bool(((temperature > 0) & ((batch.top_k[rows] < self.spec.vocab_size)
                                                     | (batch.top_p[rows] < 1))).any()),

@@ -10,7 +10,11 @@ this turns them into output for the request's owner:
     outputs        one RequestOutput per request that progressed: everything so far
                    (CUMULATIVE), only the new part (DELTA, streaming), or nothing until the
                    end (FINAL_ONLY, LLM.generate); text that may still become a stop string
-                   is held back until it cannot
+                   is held back until it cannot. With stream_interval k > 1 (EngineArgs,
+                   `--stream-interval`) a request reports its first tokens at once, then only
+                   once k new tokens wait, or at its end: every output costs Python work here,
+                   a message to the server and an event to the client, so fewer, larger
+                   outputs leave more of each step to the GPU
 
 vLLM runs the same work (its OutputProcessor) in the front-end process; kvlab runs it in
 the engine, where, with asynchronous scheduling, it overlaps with the next step on the GPU.
@@ -24,13 +28,14 @@ from kvlab.engine.detokenizer import IncrementalDetokenizer
 from kvlab.engine.outputs import CompletionOutput, RequestOutput
 from kvlab.engine.sampling_params import RequestOutputKind
 from kvlab.engine.scheduler import Scheduler
-from kvlab.engine.sequence import Request, Sequence
+from kvlab.engine.sequence import Request, Sequence, SequenceStatus
 
 
 class OutputProcessor:
-    def __init__(self, scheduler: Scheduler, tokenizer=None):
+    def __init__(self, scheduler: Scheduler, tokenizer=None, stream_interval: int = 1):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
 
     def process(self, advanced: list[Sequence], logprobs: dict, failed: dict[str, str]) -> list[RequestOutput]:
         """advanced: sequences that received a token in this step (in order); logprobs: their
@@ -38,10 +43,15 @@ class OutputProcessor:
         run (they end with finish_reason "error"). Returns the RequestOutputs to hand out."""
         now = time.perf_counter()
         touched: dict[str, Request] = {}                  # requests that have something to report
+        interval, final_only = self.stream_interval, RequestOutputKind.FINAL_ONLY
         for seq in advanced:
             request = seq.request
-            if request.params.output_kind is not RequestOutputKind.FINAL_ONLY or seq.finished:
+            if seq.status is SequenceStatus.FINISHED:
                 touched[request.request_id] = request
+            elif request.params.output_kind is not final_only:   # streamed: the first tokens, then every k
+                unsent = len(seq.token_ids) - seq.num_prompt_tokens - seq.num_tokens_sent
+                if seq.num_tokens_sent == 0 or unsent >= interval:
+                    touched[request.request_id] = request
             if seq.seq_id in logprobs:
                 chosen, tops = logprobs[seq.seq_id]
                 seq.cumulative_logprob += chosen
@@ -92,25 +102,30 @@ class OutputProcessor:
                 self.scheduler.finish(seq, "stop", s)
 
     def request_output(self, request: Request) -> RequestOutput | None:
-        kind = request.params.output_kind
+        params = request.params
+        kind = params.output_kind
         done = request.finished
         if kind == RequestOutputKind.FINAL_ONLY and not done:
             return None
         completions = []
-        for seq in sorted(request.sequences, key=lambda s: s.index):
-            text, ids = seq.text, seq.output_token_ids
-            if not seq.finished and seq.params.stop_strings:     # hold back what may become a stop string
-                text = text[:max(0, len(text) - seq.params.max_stop_string_len + 1)]
+        seqs = request.sequences if len(request.sequences) == 1 else sorted(request.sequences, key=lambda s: s.index)
+        for seq in seqs:
+            text, start = seq.text, seq.num_prompt_tokens       # the output: token_ids[start:]
+            if params.stop_strings and seq.status is not SequenceStatus.FINISHED:   # hold back what may
+                text = text[:max(0, len(text) - params.max_stop_string_len + 1)]      # become a stop string
+            num_output = len(seq.token_ids) - start
             if kind == RequestOutputKind.DELTA:
-                new_text, new_ids = text[seq.num_text_sent:], ids[seq.num_tokens_sent:]
-                seq.num_text_sent, seq.num_tokens_sent = len(text), len(ids)
-                text, ids = new_text, new_ids
-                lps = seq.logprobs[len(seq.logprobs) - len(ids):] if seq.params.logprobs is not None else None
+                new_text, ids = text[seq.num_text_sent:], seq.token_ids[start + seq.num_tokens_sent:]
+                seq.num_text_sent = len(text)
+                text = new_text
+                lps = seq.logprobs[len(seq.logprobs) - len(ids):] if params.logprobs is not None else None
             else:
-                lps = list(seq.logprobs) if seq.params.logprobs is not None else None
+                ids = seq.token_ids[start:]
+                lps = list(seq.logprobs) if params.logprobs is not None else None
+            seq.num_tokens_sent = num_output
             completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(ids),
-                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                index=seq.index, text=text, token_ids=ids,
+                cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
                 logprobs=lps, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, done,
                              request.metrics, request.metrics.num_cached_tokens)

@@ -68,7 +68,7 @@ class Sequence:
     detokenizer: object | None = None
     text: str = ""
     num_text_sent: int = 0               # chars of text already returned (DELTA outputs)
-    num_tokens_sent: int = 0             # output tokens already returned (DELTA outputs)
+    num_tokens_sent: int = 0             # output tokens already reported (DELTA: returned; stream_interval)
 
     @property
     def num_tokens(self) -> int:
@@ -109,7 +109,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.sequences)   # (n > 1 before the fork: only by an abort)
+        for s in self.sequences:                         # (n > 1 before the fork: only by an abort)
+            if s.status is not SequenceStatus.FINISHED:  # (a loop, not all(...): read every step)
+                return False
+        return True
 
     def new_sequence(self, index: int, token_ids: list[int]) -> Sequence:
         seq = Sequence((self.request_id, index), self, index, list(token_ids), len(self.prompt_token_ids))

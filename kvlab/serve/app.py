@@ -65,10 +65,8 @@ except ImportError:                     # pragma: no cover -- no jinja2: apply_c
 class OpenAIServer:
     """The state behind the routes: the engine, the metrics, the tokenizer."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, stream_interval: int = 1,
-                 request_read_timeout: float = REQUEST_READ_TIMEOUT_S):
+    def __init__(self, engine: AsyncEngine, model_name: str, request_read_timeout: float = REQUEST_READ_TIMEOUT_S):
         self.engine = engine
-        self.stream_interval = stream_interval
         self.request_read_timeout = request_read_timeout
         self.metrics = ServerMetrics(engine)
         engine.on_finished = self.metrics.observe_finished
@@ -92,8 +90,7 @@ class OpenAIServer:
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self.tokenizer_thread, self.prompt_token_ids, req)
         try:
-            stream = await self.engine.add_request(req.request_id, prompt, req.params, arrival,
-                                                   self.stream_interval if req.stream else 1)
+            stream = await self.engine.add_request(req.request_id, prompt, req.params, arrival)
         except QueueFullError as err:
             raise ApiError(503, str(err), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except (ValueError, TypeError) as err:               # the engine names the field at fault first
@@ -352,12 +349,12 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
 
 def build_app(engine: AsyncEngine, model_name: str, *, api_key: str | None = None,
-              stream_interval: int = 1, request_read_timeout: float = REQUEST_READ_TIMEOUT_S) -> Starlette:
+              request_read_timeout: float = REQUEST_READ_TIMEOUT_S) -> Starlette:
     """The ASGI app serving `engine` (AsyncEngine.launch) as `model_name`. The app's start starts
     the threads that talk to the engine core; its end stops the core: requests still in the
-    engine are then aborted. stream_interval: see EngineResponse; request_read_timeout: seconds a
-    request's body may take to arrive (read_json)."""
-    server = OpenAIServer(engine, model_name, stream_interval, request_read_timeout)
+    engine are then aborted. request_read_timeout: seconds a request's body may take to arrive
+    (read_json). How often a stream gets tokens is the engine's (EngineArgs.stream_interval)."""
+    server = OpenAIServer(engine, model_name, request_read_timeout)
 
     async def completions(request: Request):
         return await server.generate(request, parse_completion)

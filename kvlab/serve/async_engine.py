@@ -43,32 +43,25 @@ class RequestStream:
             ...
 
     Iteration ends after the output marked finished; it raises EngineDeadError if the
-    engine stopped first.
-
-    interval (`kvlab serve --stream-interval`, as vLLM's and SGLang's): after the first
-    tokens, the reader is woken only once `interval` new tokens wait (or the request ends).
-    A streaming server pays per event, not per token: a task wake-up, a JSON chunk and a
-    socket write in one Python event loop. Fewer, larger events cost less; the text comes
-    in bursts.
+    engine stopped first. Outputs that arrive while the reader is busy are handed over
+    together, as one batch: one wake-up, one event to the client. How many tokens an output
+    holds is the engine's choice (`kvlab serve --stream-interval`, EngineArgs.stream_interval):
+    the engine core then builds and sends fewer, larger outputs, and this process sends
+    fewer, larger events.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], interval: int = 1):
+    def __init__(self, request_id: str, prompt_token_ids: list[int]):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
-        self.interval = interval
         self.finished = False
         self._pending: list[RequestOutput] = []
-        self._pending_tokens = 0
-        self._started = False                 # some tokens went out: from now on, wait for `interval`
         self._ready = asyncio.Event()
         self._error: BaseException | None = None
 
     def put(self, output: RequestOutput) -> None:
         self._pending.append(output)
-        self._pending_tokens += sum(len(o.token_ids) for o in output.outputs)
         self.finished = self.finished or output.finished
-        if self.finished or not self._started or self._pending_tokens >= self.interval:
-            self._ready.set()
+        self._ready.set()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
@@ -79,8 +72,6 @@ class RequestStream:
             await self._ready.wait()
             self._ready.clear()
             batch, self._pending = self._pending, []
-            self._started = self._started or self._pending_tokens > 0
-            self._pending_tokens = 0
             if batch:
                 yield batch
             if self.finished and not self._pending:
@@ -146,13 +137,13 @@ class AsyncEngine:
         return self.error is None and self.process.is_alive() and bool(self._threads)
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          arrival_time: float, stream_interval: int = 1) -> RequestStream:
+                          arrival_time: float) -> RequestStream:
         """Queue a request; returns its stream once the core took it. Raises what
         `LLMEngine.add_request` raises (ValueError, TypeError), QueueFullError or EngineDeadError;
         then nothing of the request is left in the engine."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running ({self.error or 'shut down'})")
-        stream = RequestStream(request_id, prompt_token_ids, stream_interval)
+        stream = RequestStream(request_id, prompt_token_ids)
         self._streams[request_id] = stream                   # before the add: no output can be missed
         verdict = self._adding[request_id] = self._loop.create_future()
         self._outbox.put(AddRequest(request_id, prompt_token_ids, params, arrival_time))

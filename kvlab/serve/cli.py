@@ -110,9 +110,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
     g.add_argument("--max-waiting-requests", type=int, default=1000,
                    help="answer 503 with Retry-After once this many requests wait (default 1000)")
-    g.add_argument("--stream-interval", type=int, default=1,
-                   help="send a stream's tokens in events of at least this many (the first token and the end at "
-                        "once); larger: fewer events, more throughput, burstier text (default 1, as vLLM and SGLang)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may take to finish before they are aborted (30)")
     g.add_argument("--request-read-timeout", type=float, default=30.0,
@@ -135,8 +132,6 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--port {args.port}: a port is 0..65535 (0: any free port)")
     if args.max_waiting_requests < 1:
         parser.error(f"--max-waiting-requests {args.max_waiting_requests}: must be >= 1")
-    if args.stream_interval < 1:
-        parser.error(f"--stream-interval {args.stream_interval}: must be >= 1 token")
     if not args.shutdown_timeout >= 0:
         parser.error(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0 seconds")
     for flag in ("request_read_timeout", "timeout_keep_alive"):
@@ -165,7 +160,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print("kvlab serve: no tokenizer: prompts are token ids, answers are token ids "
               "(ask for them with 'return_token_ids': true)", flush=True)
     app = build_app(engine, args.served_model_name or args.model, api_key=args.api_key,
-                    stream_interval=args.stream_interval, request_read_timeout=args.request_read_timeout)
+                    request_read_timeout=args.request_read_timeout)
     # Every timeout set on purpose: headers and body each within --request-read-timeout (uvicorn has
     # neither; TimedHttpProtocol and read_json add them), idle keep-alive connections closed after
     # --timeout-keep-alive, running requests given --shutdown-timeout on SIGTERM.

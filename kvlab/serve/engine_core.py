@@ -10,8 +10,8 @@ in a child process, and talks to the server through two pipes, in typed messages
                                            AbortRequest(request_id)        Shutdown()
     core -> server   Ready(...)            once the model is loaded
                      Added([(request_id, error or None), ...])   the engine's verdict on adds
-                     StepOutputs([PackedOutput, ...], EngineStats)   one message per step, every request's
-                                                                    new tokens and text in it
+                     StepOutputs([PackedOutput, ...], EngineStats)   one message per step: the new tokens
+                                                                    and text of each request that reports
                      Stats(EngineStats)    after requests that changed the state
                      CommandError(text)    a message the core does not know (the core goes on)
                      Failed(text)          the engine could not start, or its loop died: it is gone
@@ -27,7 +27,10 @@ The loop:
 so requests join the running batch at the step after they arrive (continuous batching
 across HTTP clients). Detokenizing and stop strings stay here, in the engine (kvlab's
 OutputProcessor): with asynchronous scheduling they run while the GPU computes the next
-step, and the HTTP process is left one job per token, the event. The core reads only the
+step, and the HTTP process is left one job per output, the event. Every output costs this
+process Python work (building it, packing it, sending it) that the next step waits for, so
+with `--stream-interval k` (EngineArgs.stream_interval) the engine reports a stream's first
+token at once and then every k tokens: fewer, larger outputs, here and in the HTTP process. The core reads only the
 engine's public API (add_request, abort_request, step, get_stats). Times are
 time.perf_counter(), the same monotonic clock in both processes on one machine, so a
 request's arrival is stamped when its HTTP request came in.
