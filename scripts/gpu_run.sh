@@ -4,6 +4,7 @@
 #
 #   scripts/gpu_run.sh tests decode          # GPU tests (kernels, engine with graphs, sync and async),
 #                                            # then the decode-step probe (kvlab.bench.step_probe)
+#   scripts/gpu_run.sh engine_tests          # test_gpu and test_engine_attention only (kernels unchanged)
 #   scripts/gpu_run.sh race_c                # workload C: kvlab against HF (padded, static + compile,
 #   scripts/gpu_run.sh race_a sweep          #   continuous batching); workload A and the concurrency sweep
 #   scripts/gpu_run.sh serve1 serve8         # the load test of kvlab serve, --stream-interval 1 and 8
@@ -32,6 +33,8 @@ for part in "$@"; do
                 tests/test_fused_kernels.py tests/test_prefill_attention.py tests/test_kernels.py
             run exercise_kernel 60 python3 -c "from kvlab.exercises import ch06; from kvlab.exercises.solutions \
                 import ch06 as s; print(ch06.check_paged_attention_kernel(s.paged_attention_kernel))" ;;
+    engine_tests)                            # the engine's GPU tests only (when the kernels did not change)
+            run engine_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_engine_attention.py ;;
     decode) if [ -d .baseline/kvlab ]; then
               cp kvlab/bench/step_probe.py /tmp/step_probe.py
               (base=$PWD/.baseline; cd /tmp && PYTHONPATH=/tmp/site:$base KVLAB_COMMIT=$(cat $base/COMMIT 2>/dev/null) \
