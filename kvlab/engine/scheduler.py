@@ -237,14 +237,18 @@ class Scheduler:
                 if seq is not None and seq.status == SequenceStatus.RUNNING:
                     self.allocator.mark_computed(seq_id, min(out.num_computed_tokens[seq_id] + n, len(seq.token_ids)))
         advanced = []
+        requests, fill = self.requests, self.allocator.append_token     # (this loop runs per token: locals)
+        running, finished = SequenceStatus.RUNNING, SequenceStatus.FINISHED
         for seq_id, token in sampled.items():
-            request = self.requests.get(seq_id[0])
-            seq = None if request is None else request.sequences[seq_id[1]]
-            if seq is None or seq.status is SequenceStatus.FINISHED:
+            request = requests.get(seq_id[0])
+            if request is None:
+                continue
+            seq = request.sequences[seq_id[1]]
+            if seq.status is finished:
                 continue
             seq.num_pending -= 1
-            if seq.status is SequenceStatus.RUNNING and len(seq.token_ids) < seq.num_allocated_tokens:
-                self.allocator.append_token(seq_id, token)  # its slot was taken while it was pending
+            if seq.status is running and len(seq.token_ids) < seq.num_allocated_tokens:
+                fill(seq_id, token)                       # its slot was taken while it was pending
             seq.token_ids.append(token)
             advanced.append(seq)
             reason = self._stop_reason(seq)

@@ -256,7 +256,8 @@ class BlockAllocator:
         writing this token's K/V. If `append_slot` reserved a slot for this token earlier,
         that slot is the one: nothing is taken."""
         seq = self._seq(seq_id)
-        token_id = self._check_token(token_id)
+        if token_id.__class__ is not int or token_id < 0:   # (the engine's ids are ints: one test)
+            token_id = self._check_token(token_id)
         if seq.num_reserved:                        # its slot was handed out before its id was known
             seq.num_reserved -= 1
             seq.token_ids.append(token_id)
