@@ -101,6 +101,12 @@ class StepOutputs:
     outputs: list["PackedOutput"]
     stats: EngineStats
 
+    def __reduce__(self):
+        # Sent every step: the outputs go as plain tuples, which pickle about 4x faster than
+        # NamedTuples (measured: 256 outputs, 0.05 against 0.23 ms), and become PackedOutputs again
+        # on the other side.
+        return _step_outputs, ([tuple(p) for p in self.outputs], self.stats)
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -143,6 +149,10 @@ class PackedOutput(NamedTuple):
                               for i, text, ids, f, s in self.completions],
                              self.finished, RUNNING if self.metrics is None else RequestMetrics(*self.metrics),
                              self.num_cached_tokens)
+
+
+def _step_outputs(rows: list[tuple], stats: EngineStats) -> StepOutputs:
+    return StepOutputs([PackedOutput._make(r) for r in rows], stats)
 
 
 # ---- the child process --------------------------------------------------------------------------
