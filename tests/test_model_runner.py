@@ -102,3 +102,24 @@ def test_a_sequence_the_runner_cannot_take_fails_alone(runner, tiny_llama):
                                     {A: 0, B: 0}, {A: (0, [0]), B: (0, [1])})).get_output()
     assert out.failed == {A: "RuntimeError: no generator for you"} and A not in runner.batch.row_of
     assert out.sampled == {B: hf_greedy(tiny_llama, q, 1)[0]}
+
+
+def test_a_dropped_engine_frees_its_kv_cache_at_once(tiny_llama):
+    """No reference cycle holds the runner: dropping an LLM frees its KV cache when the last
+    reference goes, not when the garbage collector next runs (on a GPU the next LLM in the same
+    process would otherwise find the memory still in use, as a probe of several engines did)."""
+    import gc
+    import weakref
+
+    from kvlab import LLM
+
+    gc.disable()
+    try:
+        for mode in (False, True):
+            llm = LLM(model=tiny_llama, async_scheduling=mode, skip_tokenizer_init=True)
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+            cache = weakref.ref(llm.engine.runner.cache)
+            del llm
+            assert cache() is None, mode
+    finally:
+        gc.enable()

@@ -63,6 +63,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -242,7 +243,9 @@ class ModelRunner:
         # writes one while the host may still read the other (the step before's).
         self._out_bufs = [torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True)
                           for _ in range(2)] if self.is_cuda else []
-        self._out_readers: list[PendingOutput | None] = [None, None]   # the step that reads each buffer
+        self._out_readers: list[weakref.ref | None] = [None, None]   # the step that reads each buffer (a weak
+                                                         # reference: a strong one would keep a dropped engine's
+                                                         # GPU memory alive until the garbage collector runs)
         self._out_next = 0
         if self.is_cuda:                                 # GPU times on the host clock: one reference point
             torch.cuda.synchronize()
@@ -275,8 +278,9 @@ class ModelRunner:
         if self._inputs_copied is not None:                # the pinned buffers may be written again
             self._inputs_copied.synchronize()
         older = self._out_readers[self._out_next]          # the step two back: collected by now (the
-        if older is not None:                              # engine does), else collected here, before
-            older.get_output()                             # its buffer is written and its ids are stale
+        older = older() if older is not None else None     # engine does), else collected here, before
+        if older is not None:                              # its buffer is written and its ids are stale
+            older.get_output()
         failed = self._update_states(out)
         step = self._prepare_inputs(out)
         timing.launch_start = time.perf_counter()
@@ -305,7 +309,7 @@ class ModelRunner:
             events[2].record()
         timing.launch_end = time.perf_counter()
         pending = PendingOutput(self, step.sampling, tokens, logprobs, asked, failed, timing, events)
-        self._out_readers[slot], self._out_next = pending, slot ^ 1
+        self._out_readers[slot], self._out_next = weakref.ref(pending), slot ^ 1
         return pending
 
     def _update_states(self, out: SchedulerOutput) -> dict[SeqId, str]:
