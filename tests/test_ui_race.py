@@ -56,7 +56,8 @@ def gpu_result():
                 "async": {"step_ms": 1.5, "device_ms": 1.4, "schedule_ms": 0.1, "prepare_ms": 0.2, "launch_ms": 0.3,
                           "output_ms": 0.15},
                 "eager": {"step_ms": 12.0}}},
-            "decode_step_before": {"batch_64_sync": {"period_ms": 2.4, "device_ms": 1.5}}}
+            "decode_step_before": {"batch_64_sync": {"period_ms": 2.4, "device_ms": 1.5},
+                                   "environment": {"git_commit": "bda7a6e", "gpu": "NVIDIA H200"}}}
 
 
 def test_concurrency_is_plotted_and_tabled_as_given():
@@ -94,7 +95,8 @@ def test_speedup_table_and_workload_figure():
         "  synchronous   1.80 ms, of which the GPU 1.40 ms (step / GPU 1.29); eager 12.00 ms",
         "  asynchronous  1.50 ms, of which the GPU 1.40 ms (step / GPU 1.07); the host per step: schedule 0.10, "
         "prepare 0.20, launch 0.30, outputs 0.15 ms",
-        "  the engine before the redesign, same card: 2.40 ms, of which the GPU 1.50 ms (step / GPU 1.60)"]
+        "  the engine before the redesign (commit bda7a6e, its own run on NVIDIA H200): 2.40 ms, of which the GPU "
+        "1.50 ms (step / GPU 1.60)"]
     with pytest.raises(ValueError, match="no 'concurrency' sweep"):
         ui.plot_concurrency({"workloads": {}})
     assert ui.concurrency_table({"workloads": {}}) == []

@@ -170,6 +170,8 @@ def decode_step_lines(result: dict) -> list[str]:
                          f"outputs {a['output_ms']:.2f} ms")
         old = before.get(f"{key}_sync")
         if old:
-            lines.append(f"  the engine before the redesign, same card: {old['period_ms']:.2f} ms, of which the GPU "
+            env = before.get("environment") or {}
+            lines.append(f"  the engine before the redesign (commit {env.get('git_commit') or '?'}, its own run on "
+                         f"{env.get('gpu') or 'the same card'}): {old['period_ms']:.2f} ms, of which the GPU "
                          f"{old['device_ms']:.2f} ms (step / GPU {old['period_ms'] / old['device_ms']:.2f})")
     return lines
