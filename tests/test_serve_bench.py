@@ -5,6 +5,7 @@ a server in a child process, then LLM.generate offline) checks that every reques
 with exactly the tokens it asked for, counted by both sides.
 """
 
+import asyncio
 import json
 import math
 
@@ -74,9 +75,31 @@ def test_a_small_run_end_to_end(tmp_path):
     assert len(fig.axes) == 3
 
 
+def test_the_sweep_sizes_each_rate_within_min_and_max_prompts(monkeypatch):
+    """--rates auto: the rate-inf run measures C, then each fraction of C sends rate x seconds
+    requests, clipped to [min_prompts, max_prompts]. The cap is what keeps notebook 08's overloaded
+    run from outgrowing the server's waiting queue on a fast machine (a CI run failed on that)."""
+    sent = []
+
+    async def fake_one_rate(url, requests, rate, **kw):
+        sent.append((rate, len(requests)))
+        return {"rate": rate, "request_throughput": 4.0}
+
+    monkeypatch.setattr(bench, "one_rate", fake_one_rate)
+    pool = make_requests(100, "alpaca", max_len=64)
+    requests = lambda n: pool[:n]
+    sweep = lambda **kw: asyncio.run(bench.sweep_async("http://x", "m", requests, "auto", num_prompts=10,
+                                                       fractions=(0.25, 1.0, 3.0), seconds_per_rate=6, **kw))
+    sweep(min_prompts=8)
+    assert sent == [(math.inf, 10), (1.0, 8), (4.0, 24), (12.0, 72)]          # C = 4/s: 6, 24 and 72 asked
+    sent.clear()
+    sweep(min_prompts=8, max_prompts=16)
+    assert sent == [(math.inf, 10), (1.0, 8), (4.0, 16), (12.0, 16)]
+
+
 def test_bad_arguments_are_usage_errors(capsys):
     for argv in (["--rates", "auto", "5"], ["--rates", "0"], ["--rates", "fast"], ["--num-prompts", "0"],
-                 ["--stream-interval", "0"]):
+                 ["--stream-interval", "0"], ["--max-prompts", "0"], ["--min-prompts", "9", "--max-prompts", "8"]):
         with pytest.raises(SystemExit) as info:
             bench.main(argv)
         assert info.value.code == 2

@@ -226,12 +226,14 @@ def sweep(url: str, model: str, requests, rates: list[float] | str, **kwargs) ->
 
 async def sweep_async(url: str, model: str, requests, rates: list[float] | str, *,
                       num_prompts: int, seconds_per_rate: float | None = None, min_prompts: int = 20,
-                      fractions: tuple[float, ...] = AUTO_FRACTIONS, slo_ttft_ms: float = 1000.0,
+                      max_prompts: int | None = None, fractions: tuple[float, ...] = AUTO_FRACTIONS, slo_ttft_ms: float = 1000.0,
                       slo_tpot_ms: float = 100.0, seed: int = 0, api_key: str | None = None, timeout: float = 600.0,
                       progress: bool = True, on_result=None, server_pid: int | None = None) -> list[dict]:
     """The saturating run (rate inf, first `num_prompts` requests) when rates is "auto" or holds inf,
     then each finite rate (auto: `fractions` of the measured capacity). Each finite rate sends
-    `num_prompts` requests, or rate x seconds_per_rate of them (at least min_prompts).
+    `num_prompts` requests, or rate x seconds_per_rate of them (at least min_prompts, at most
+    max_prompts: a server that refuses requests past a queue limit W never refuses any of a run of
+    at most W, on however fast a machine).
     requests(n): the first n requests (make_requests with fixed arguments)."""
     one = dict(model=model, seed=seed, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, api_key=api_key,
                timeout=timeout, progress=progress, server_pid=server_pid)
@@ -246,6 +248,7 @@ async def sweep_async(url: str, model: str, requests, rates: list[float] | str, 
         finite = [round(f * capacity, 3) for f in fractions]
     for rate in finite:
         n = num_prompts if seconds_per_rate is None else max(min_prompts, round(rate * seconds_per_rate))
+        n = n if max_prompts is None else min(n, max_prompts)
         runs.append(await one_rate(url, requests(n), rate, **one))
         if on_result:
             on_result(runs)
@@ -435,7 +438,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                                  api_key=args.api_key, timeout=args.timeout, progress=False))
         result["runs"] = sweep(url, args.served_model_name or args.model, requests, rates,
                                num_prompts=args.num_prompts, seconds_per_rate=args.seconds_per_rate,
-                               min_prompts=args.min_prompts, slo_ttft_ms=args.slo_ttft_ms,
+                               min_prompts=args.min_prompts, max_prompts=args.max_prompts, slo_ttft_ms=args.slo_ttft_ms,
                                slo_tpot_ms=args.slo_tpot_ms, seed=args.request_seed, api_key=args.api_key,
                                fractions=tuple(args.auto_fractions), timeout=args.timeout, progress=not args.quiet,
                                on_result=save, server_pid=server.process.pid if server is not None else None)
@@ -552,6 +555,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seconds-per-rate", type=float, default=None,
                    help="finite rates send rate x this many requests instead (at least --min-prompts)")
     g.add_argument("--min-prompts", type=int, default=20, help="fewest requests at a finite rate (20)")
+    g.add_argument("--max-prompts", type=int, default=None, help="most requests at a finite rate (no limit)")
     g.add_argument("--warmup", type=int, default=8, help="requests sent (and discarded) before measuring (8)")
     g.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: TTFT target, ms (1000)")
     g.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput: TPOT target, ms (100)")
@@ -571,9 +575,11 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--rates auto stands alone (it picks the rates itself)")
     if not all(f > 0 for f in args.auto_fractions):
         parser.error("--auto-fractions must all be > 0")
-    for name in ("num_prompts", "min_prompts"):
-        if getattr(args, name) < 1:
+    for name in ("num_prompts", "min_prompts", "max_prompts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_prompts is not None and args.max_prompts < args.min_prompts:
+        parser.error(f"--max-prompts {args.max_prompts} is below --min-prompts {args.min_prompts}")
     if args.warmup < 0 or args.max_len < 2 or not args.timeout > 0:
         parser.error("--warmup must be >= 0, --max-len >= 2, --timeout > 0")
     if not 0 <= args.token_range[0] < args.token_range[1]:
