@@ -226,9 +226,10 @@ def sweep(url: str, model: str, requests, rates: list[float] | str, **kwargs) ->
 
 async def sweep_async(url: str, model: str, requests, rates: list[float] | str, *,
                       num_prompts: int, seconds_per_rate: float | None = None, min_prompts: int = 20,
-                      max_prompts: int | None = None, fractions: tuple[float, ...] = AUTO_FRACTIONS, slo_ttft_ms: float = 1000.0,
-                      slo_tpot_ms: float = 100.0, seed: int = 0, api_key: str | None = None, timeout: float = 600.0,
-                      progress: bool = True, on_result=None, server_pid: int | None = None) -> list[dict]:
+                      max_prompts: int | None = None, fractions: tuple[float, ...] = AUTO_FRACTIONS,
+                      slo_ttft_ms: float = 1000.0, slo_tpot_ms: float = 100.0, seed: int = 0,
+                      api_key: str | None = None, timeout: float = 600.0, progress: bool = True, on_result=None,
+                      server_pid: int | None = None) -> list[dict]:
     """The saturating run (rate inf, first `num_prompts` requests) when rates is "auto" or holds inf,
     then each finite rate (auto: `fractions` of the measured capacity). Each finite rate sends
     `num_prompts` requests, or rate x seconds_per_rate of them (at least min_prompts, at most
@@ -438,9 +439,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                                  api_key=args.api_key, timeout=args.timeout, progress=False))
         result["runs"] = sweep(url, args.served_model_name or args.model, requests, rates,
                                num_prompts=args.num_prompts, seconds_per_rate=args.seconds_per_rate,
-                               min_prompts=args.min_prompts, max_prompts=args.max_prompts, slo_ttft_ms=args.slo_ttft_ms,
-                               slo_tpot_ms=args.slo_tpot_ms, seed=args.request_seed, api_key=args.api_key,
-                               fractions=tuple(args.auto_fractions), timeout=args.timeout, progress=not args.quiet,
+                               min_prompts=args.min_prompts, max_prompts=args.max_prompts,
+                               slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, seed=args.request_seed,
+                               api_key=args.api_key, fractions=tuple(args.auto_fractions), timeout=args.timeout,
+                               progress=not args.quiet,
                                on_result=save, server_pid=server.process.pid if server is not None else None)
     finally:
         if server is not None:
