@@ -108,8 +108,7 @@ class OutputProcessor:
         if kind == RequestOutputKind.FINAL_ONLY and not done:
             return None
         completions = []
-        seqs = request.sequences if len(request.sequences) == 1 else sorted(request.sequences, key=lambda s: s.index)
-        for seq in seqs:
+        for seq in request.sequences:                     # in index order: sequences[i].index == i
             text, start = seq.text, seq.num_prompt_tokens       # the output: token_ids[start:]
             if params.stop_strings and seq.status is not SequenceStatus.FINISHED:   # hold back what may
                 text = text[:max(0, len(text) - params.max_stop_string_len + 1)]      # become a stop string

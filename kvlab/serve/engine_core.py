@@ -30,10 +30,10 @@ OutputProcessor): with asynchronous scheduling they run while the GPU computes t
 step, and the HTTP process is left one job per output, the event. Every output costs this
 process Python work (building it, packing it, sending it) that the next step waits for, so
 with `--stream-interval k` (EngineArgs.stream_interval) the engine reports a stream's first
-token at once and then every k tokens: fewer, larger outputs, here and in the HTTP process. The core reads only the
-engine's public API (add_request, abort_request, step, get_stats). Times are
-time.perf_counter(), the same monotonic clock in both processes on one machine, so a
-request's arrival is stamped when its HTTP request came in.
+token at once and then every k tokens: fewer, larger outputs, here and in the HTTP process.
+The core reads only the engine's public API (add_request, abort_request, step, get_stats).
+Times are time.perf_counter(), the same monotonic clock in both processes on one machine, so
+a request's arrival is stamped when its HTTP request came in.
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ class StepOutputs:
     stats: EngineStats
 
     def __reduce__(self):
-        # Sent every step: the outputs go as plain tuples, which pickle about 4x faster than
-        # NamedTuples (measured: 256 outputs, 0.05 against 0.23 ms), and become PackedOutputs again
-        # on the other side.
+        # Sent every step: the outputs go as plain tuples, which pickle about 3x faster than
+        # NamedTuples (measured on the course's CPU: 256 one-token outputs, 0.08 against 0.27 ms),
+        # and become PackedOutputs again on the other side.
         return _step_outputs, ([tuple(p) for p in self.outputs], self.stats)
 
 
